@@ -1,0 +1,289 @@
+"""The `fogline` command: hub, node, token, get, demo, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fogline import __version__
+from fogline.cliutil import HubClient, parse_duration_s, parse_labels
+from fogline.errors import FoglineError
+
+app = typer.Typer(help="fogline: edge computing for Python.", no_args_is_help=True,
+                  add_completion=False)
+hub_app = typer.Typer(help="Run the hub, or print its NATS configuration.")
+node_app = typer.Typer(help="Run an edge node, or manage enrolled nodes.")
+token_app = typer.Typer(help="Bootstrap tokens for enrolling nodes.", no_args_is_help=True)
+get_app = typer.Typer(help="Show fleet objects.", no_args_is_help=True)
+app.add_typer(hub_app, name="hub")
+app.add_typer(node_app, name="node")
+app.add_typer(token_app, name="token")
+app.add_typer(get_app, name="get")
+
+console = Console()
+
+HubOpt = Annotated[str | None, typer.Option("--hub", help="Hub API URL [env FOGLINE_HUB]")]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="Admin token [env FOGLINE_TOKEN]")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Data dir of a local hub")]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="table or json")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def run_service(main: Callable[[], Awaitable[None]]) -> None:
+    """Run `main` until it returns or SIGINT/SIGTERM cancels it (cleanly)."""
+
+    async def runner() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await main()
+
+    asyncio.run(runner())
+
+
+def _fail(exc: FoglineError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}", highlight=False)
+    return typer.Exit(2)
+
+
+# hub ------------------------------------------------------------------------------
+
+@hub_app.callback(invoke_without_command=True)
+def hub(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="Hub data dir")] = Path("fogline-hub"),
+    listen: Annotated[str, typer.Option(help="API address HOST:PORT")] = "127.0.0.1:8700",
+    db: Annotated[str | None, typer.Option("--db", help="postgresql://... (default: "
+                                           "SQLite in DIR)")] = None,
+    nats_url: Annotated[str | None, typer.Option("--nats", help="External NATS URL")] = None,
+    nats_advertise: Annotated[str | None, typer.Option(
+        help="NATS URL to give nodes (default: the server's own)")] = None,
+    heartbeat_interval: Annotated[str, typer.Option(help="Node heartbeat interval")] = "5s",
+    cert_ttl: Annotated[str, typer.Option(help="Node certificate lifetime")] = "24h",
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run the hub (embedded SQLite and nats-server unless --db/--nats are given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fogline.hub.service import Hub, HubConfig
+
+    _setup_logging(verbose)
+    try:
+        config = HubConfig(data_dir=data, listen=listen, db_url=db, nats_url=nats_url,
+                           nats_advertise=nats_advertise,
+                           heartbeat_interval_s=parse_duration_s(heartbeat_interval),
+                           cert_lifetime_s=parse_duration_s(cert_ttl))
+        run_service(Hub(config).run)
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+
+
+@hub_app.command("nats-config")
+def hub_nats_config(
+    data: Annotated[Path, typer.Option("--data", help="Hub data dir")] = Path("fogline-hub"),
+    host: Annotated[str, typer.Option(help="Address nats-server listens on")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Client port")] = 4222,
+    store_dir: Annotated[Path, typer.Option(help="nats-server store dir")] = Path(
+        "/var/lib/nats-server/fogline"),
+) -> None:
+    """Print the nats-server config (operator mode) an external server needs for --nats."""
+    from fogline.hub.nats_authority import NatsAuthority
+    from fogline.hub.store import HubStore
+
+    authority = NatsAuthority.open(data / "nats")
+    store = HubStore(f"sqlite:///{data / 'hub.db'}") if (data / "hub.db").exists() else None
+    revocations = store.revocations() if store else {}
+    typer.echo(authority.server_config(host=host, port=port, store_dir=store_dir,
+                                       now_s=int(time.time()), revocations=revocations),
+               nl=False)
+
+
+# token ----------------------------------------------------------------------------
+
+@token_app.command("create")
+def token_create(
+    ttl: Annotated[str, typer.Option(help="Lifetime, e.g. 1h")] = "1h",
+    uses: Annotated[int, typer.Option(help="How many nodes may enroll with it")] = 1,
+    region: Annotated[str, typer.Option(help="Region given to nodes enrolling")] = "",
+    labels: Annotated[str | None, typer.Option(help="k=v,... given to nodes")] = None,
+    hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+    output: OutputOpt = "text",
+) -> None:
+    """Create a bootstrap token and print it."""
+    try:
+        client = HubClient.resolve(hub, token, data)
+        created = client.request("POST", "/v1/tokens", {
+            "ttl_s": parse_duration_s(ttl), "uses": uses, "region": region,
+            "labels": parse_labels(labels)})
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    if output == "json":
+        typer.echo(json.dumps(created))
+        return
+    typer.echo(created["token"])
+    hint = f"fogline node --hub {client.url} --token {created['token']} --data DIR"
+    if client.url.startswith("https://"):
+        hint += f" --ca-hash sha256:{created['ca_sha256']}"
+    typer.echo(f"# enroll with: {hint}", err=True)
+
+
+# node -----------------------------------------------------------------------------
+
+@node_app.callback(invoke_without_command=True)
+def node(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="Node data dir")] = Path("fogline-node"),
+    hub: Annotated[str | None, typer.Option("--hub", help="Hub API URL (first start)")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Bootstrap token")] = None,
+    name: Annotated[str | None, typer.Option(help="Node name (default: hostname)")] = None,
+    region: Annotated[str, typer.Option(help="Region, e.g. eu-west")] = "",
+    zone: Annotated[str, typer.Option(help="Zone within the region")] = "",
+    tier: Annotated[str, typer.Option(help="device, near, far or cloud")] = "near",
+    labels: Annotated[str | None, typer.Option(help="k=v,...")] = None,
+    listen: Annotated[str, typer.Option(help="HOST:PORT for /healthz and /metrics")] = (
+        "127.0.0.1:0"),
+    heartbeat_interval: Annotated[str | None, typer.Option(
+        help="Override the hub's heartbeat interval")] = None,
+    nats_url: Annotated[str | None, typer.Option(
+        "--nats", help="NATS URL to use instead of the one the hub advertises")] = None,
+    ca_hash: Annotated[str | None, typer.Option(
+        help="sha256:... of the hub CA (HTTPS hubs)")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run an edge node: enroll on first start, then heartbeat and serve."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from fogline.node.agent import NodeAgent, NodeConfig
+
+    _setup_logging(verbose)
+    try:
+        config = NodeConfig(
+            data_dir=data, hub_url=hub, token=token, name=name, region=region, zone=zone,
+            tier=tier, labels=parse_labels(labels), listen=listen,
+            heartbeat_interval_s=parse_duration_s(heartbeat_interval)
+            if heartbeat_interval else None,
+            nats_url=nats_url, ca_sha256=ca_hash)
+        run_service(NodeAgent(config).run)
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+
+
+@node_app.command("revoke")
+def node_revoke(
+    node_id: Annotated[str, typer.Argument(help="Node id")],
+    reason: Annotated[str, typer.Option(help="Recorded in the audit log")] = "revoked by admin",
+    hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+) -> None:
+    """Revoke a node: its credentials stop working at once."""
+    try:
+        result = HubClient.resolve(hub, token, data).request(
+            "POST", f"/v1/nodes/{node_id}/revoke", {"reason": reason})
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"node {result['node_id']} revoked")
+
+
+# get ------------------------------------------------------------------------------
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    age = max(0.0, time.time() - seconds)
+    return f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else (
+        f"{age / 3600:.0f}h")
+
+
+_STATUS_STYLE = {"ready": "green", "degraded": "yellow", "quarantined": "magenta",
+                 "offline": "red", "revoked": "dim"}
+
+
+def nodes_table(nodes: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "NAME", "REGION", "TIER", "STATUS", "LAST SEEN", "VERSION",
+                   "CAPABILITIES", "LABELS"):
+        table.add_column(column)
+    for n in nodes:
+        caps = n["capabilities"]
+        cap_text = (f"{caps.get('cores', '?')} cores, "
+                    f"{caps.get('memory_bytes', 0) / 2**30:.1f} GiB, {caps.get('arch', '?')}"
+                    f"{', gpu' if caps.get('gpu') else ''}")
+        style = _STATUS_STYLE.get(n["status"], "")
+        table.add_row(n["id"], n["name"], n["region"], n["tier"],
+                      f"[{style}]{n['status']}[/{style}]", _age(n["last_seen_s"]),
+                      n["version"], cap_text,
+                      ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())))
+    return table
+
+
+@get_app.command("nodes")
+def get_nodes(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+              output: OutputOpt = "table") -> None:
+    """List the fleet's nodes."""
+    try:
+        nodes = HubClient.resolve(hub, token, data).request("GET", "/v1/nodes")
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    if output == "json":
+        typer.echo(json.dumps(nodes, indent=2))
+    else:
+        console.print(nodes_table(nodes))
+
+
+@get_app.command("events")
+def get_events(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+               output: OutputOpt = "table", limit: int = 50) -> None:
+    """The audit log: enrollments, status changes, revocations."""
+    try:
+        events = HubClient.resolve(hub, token, data).request("GET", f"/v1/events?limit={limit}")
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    if output == "json":
+        typer.echo(json.dumps(events, indent=2))
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("TIME", "ACTOR", "KIND", "SUBJECT", "DETAIL"):
+        table.add_column(column)
+    for e in reversed(events):
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(e["at_s"])), e["actor"],
+                      e["kind"], e["subject"], json.dumps(e["detail"]))
+    console.print(table)
+
+
+@get_app.command("tokens")
+def get_tokens(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None) -> None:
+    """Bootstrap tokens (secrets are never shown again)."""
+    try:
+        tokens = HubClient.resolve(hub, token, data).request("GET", "/v1/tokens")
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    typer.echo(json.dumps(tokens, indent=2))
+
+
+@app.command("version")
+def version() -> None:
+    """Print fogline's version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,82 @@
+"""Parsing and hub-client helpers shared by CLI commands."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fogline.errors import AuthError, ConfigError, NotFoundError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration_s(text: str) -> float:
+    """'90', '30s', '15m', '1h', '2d', '250ms' -> seconds."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise ConfigError(f"invalid duration {text!r}: use e.g. 30s, 15m, 1h, 2d")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    """'k=v,k2=v2' -> {'k': 'v', 'k2': 'v2'}."""
+    if not text:
+        return {}
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid label {item!r}: expected key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+@dataclass(frozen=True)
+class HubClient:
+    """The hub's HTTP API as the CLI uses it."""
+
+    url: str
+    token: str
+    verify: str | bool = True
+
+    @classmethod
+    def resolve(cls, hub: str | None, token: str | None, data: Path | None) -> HubClient:
+        """Hub URL and admin token from flags, then FOGLINE_HUB/FOGLINE_TOKEN, then the
+        data dir of a local hub."""
+        hub = hub or os.environ.get("FOGLINE_HUB")
+        token = token or os.environ.get("FOGLINE_TOKEN")
+        verify: str | bool = True
+        data = data or (Path(os.environ["FOGLINE_DATA"]) if "FOGLINE_DATA" in os.environ
+                        else None)
+        if data is not None:
+            if hub is None and (data / "hub.url").exists():
+                hub = (data / "hub.url").read_text().strip()
+            if token is None and (data / "admin.token").exists():
+                token = (data / "admin.token").read_text().strip()
+            if (data / "pki" / "ca.crt").exists():
+                verify = str(data / "pki" / "ca.crt")
+        if not hub or not token:
+            raise ConfigError("no hub: pass --hub and --token, set FOGLINE_HUB and "
+                              "FOGLINE_TOKEN, or pass --data DIR of a local hub")
+        return cls(hub.rstrip("/"), token, verify)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            response = httpx.request(method, f"{self.url}{path}", json=body,
+                                     headers={"Authorization": f"Bearer {self.token}"},
+                                     verify=self.verify, timeout=15)
+        except httpx.HTTPError as exc:
+            raise ConfigError(f"cannot reach the hub at {self.url}: {exc}") from exc
+        if response.status_code == 401:
+            raise AuthError(f"hub refused: {response.json().get('detail')}")
+        if response.status_code == 404:
+            raise NotFoundError(response.json().get("detail", "not found"))
+        if response.status_code >= 400:
+            raise ConfigError(f"hub error {response.status_code}: {response.text[:500]}")
+        return response.json()

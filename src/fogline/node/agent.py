@@ -1,0 +1,265 @@
+"""The edge node agent: keeps an identity, reports to the hub, serves its endpoints.
+
+Local first: `/healthz` and `/metrics` are served whether or not the hub is reachable.
+The hub link connects to NATS with the node's own credentials, heartbeats, listens for
+commands and renews its certificate and JWT well before they expire, swapping to a new
+connection without a gap. A revoked node stops talking to the hub and says so locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import shutil
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import psutil
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from fogline import __version__
+from fogline.clock import Clock, SystemClock
+from fogline.errors import AuthError, FoglineError, ProtocolError, RetryableError
+from fogline.node import identity as ident
+from fogline.node.capabilities import current_load, discover
+from fogline.node.http import NodeState, create_node_app
+from fogline.protocol import (
+    Command,
+    Heartbeat,
+    command_subject,
+    decode,
+    encode,
+    heartbeat_subject,
+    inbox_prefix,
+)
+from fogline.transport.http_server import serve_http
+
+log = logging.getLogger("fogline.node")
+
+# Renew once two thirds of a credential's lifetime have passed.
+RENEW_AT_FRACTION = 2 / 3
+RECONNECT_BACKOFF_MAX_S = 5.0
+DISK_FREE_MIN_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class NodeConfig:
+    data_dir: Path
+    hub_url: str | None = None
+    token: str | None = None
+    name: str | None = None
+    region: str = ""
+    zone: str = ""
+    tier: str = "near"
+    labels: dict[str, str] = field(default_factory=dict)
+    listen: str = "127.0.0.1:0"
+    heartbeat_interval_s: float | None = None
+    nats_url: str | None = None
+    ca_sha256: str | None = None
+
+
+class NodeAgent:
+    def __init__(self, config: NodeConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.files = ident.NodeFiles(config.data_dir)
+        self.state = NodeState(started_at_s=self.clock.now())
+        self.ready = asyncio.Event()
+        self._process = psutil.Process()
+        self._seq = 0
+        self._nc: NatsClient | None = None
+
+    # Identity -----------------------------------------------------------------------
+
+    async def _identity(self) -> ident.Identity:
+        if self.files.enrolled():
+            return self.files.load_identity()
+        cfg = self.config
+        if not cfg.hub_url or not cfg.token:
+            raise AuthError(f"{cfg.data_dir} holds no identity: pass --hub and --token")
+        options = ident.EnrollOptions(
+            hub_url=cfg.hub_url.rstrip("/"), token=cfg.token,
+            name=cfg.name or _default_name(), region=cfg.region, zone=cfg.zone,
+            tier=cfg.tier, labels=cfg.labels, ca_sha256=cfg.ca_sha256,
+            endpoint=self.state.endpoint)
+        capabilities = msgspec.to_builtins(discover())
+        delay_s = 1.0
+        while True:
+            try:
+                return await asyncio.to_thread(ident.enroll, self.files, options, capabilities,
+                                               self.clock.now())
+            except RetryableError as exc:
+                log.warning("enrollment: %s; retrying in %.0fs", exc, delay_s)
+                await self.clock.sleep(delay_s)
+                delay_s = min(delay_s * 2, 30.0)
+
+    def _interval_s(self, identity: ident.Identity) -> float:
+        return self.config.heartbeat_interval_s or identity.heartbeat_interval_s
+
+    # NATS ---------------------------------------------------------------------------
+
+    async def _connect(self, identity: ident.Identity) -> NatsClient:
+        seed = self.files.nkey()
+        jwt = self.files.nats_jwt.read_text().strip()
+        urls = [self.config.nats_url] if self.config.nats_url else identity.nats_urls
+        kwargs: dict[str, Any] = {}
+        if any(url.startswith("tls://") for url in urls):
+            context = ssl.create_default_context(cafile=str(self.files.ca))
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_cert_chain(self.files.cert, self.files.key)
+            kwargs["tls"] = context
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("hub link: %s", exc)
+
+        async def on_disconnect() -> None:
+            self.state.hub_connected = False
+
+        async def on_reconnect() -> None:
+            self.state.hub_connected = True
+
+        return await nats.connect(
+            servers=urls, name=f"fogline-node-{identity.node_id}",
+            user_jwt_cb=lambda: jwt.encode(),
+            signature_cb=lambda nonce: base64.b64encode(seed.sign(nonce.encode())),
+            inbox_prefix=inbox_prefix(identity.node_id), connect_timeout=3,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1,
+            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+            **kwargs)
+
+    async def _connect_with_retry(self, identity: ident.Identity) -> NatsClient:
+        delay_s = 0.5
+        while True:
+            try:
+                return await self._connect(identity)
+            except (OSError, TimeoutError, nats.errors.Error) as exc:
+                log.info("hub NATS unreachable (%s); retrying in %.1fs", exc, delay_s)
+                await self.clock.sleep(delay_s)
+                delay_s = min(delay_s * 2, RECONNECT_BACKOFF_MAX_S)
+
+    async def _on_command(self, msg: Msg) -> None:
+        try:
+            command = decode(msg.data)
+        except ProtocolError as exc:
+            log.warning("command refused: %s", exc)
+            return
+        if isinstance(command, Command) and command.kind == "revoked":
+            self._mark_revoked(command.reason)
+
+    def _mark_revoked(self, reason: str) -> None:
+        if not self.state.revoked:
+            log.error("this node was revoked by the hub: %s", reason or "no reason given")
+        self.state.revoked = True
+        self.state.hub_connected = False
+
+    # Health and heartbeats ----------------------------------------------------------
+
+    def failing_checks(self) -> tuple[str, ...]:
+        failing = []
+        if shutil.disk_usage(self.files.dir).free < DISK_FREE_MIN_BYTES:
+            failing.append("disk")
+        return tuple(failing)
+
+    def heartbeat(self, identity: ident.Identity) -> Heartbeat:
+        self._seq += 1
+        return Heartbeat(
+            node_id=identity.node_id, seq=self._seq, sent_at_s=self.clock.now(),
+            interval_s=self._interval_s(identity), version=__version__,
+            load=current_load(self._process), failing_checks=self.failing_checks(),
+            uptime_s=self.clock.now() - self.state.started_at_s, endpoint=self.state.endpoint)
+
+    async def _link_session(self, identity: ident.Identity) -> ident.Identity:
+        """One NATS connection: heartbeat until it closes or credentials were renewed.
+
+        Renewal happens while this connection is still up; the caller then reconnects
+        with the new JWT, so not a single heartbeat is skipped.
+        """
+        nc = await self._connect_with_retry(identity)
+        self._nc = nc
+        self.state.hub_connected = True
+        try:
+            await nc.subscribe(command_subject(identity.node_id), cb=self._on_command)
+            interval_s = self._interval_s(identity)
+            while not nc.is_closed and not self.state.revoked:
+                if nc.is_connected:
+                    hb = self.heartbeat(identity)
+                    await nc.publish(heartbeat_subject(identity.node_id), encode(hb))
+                    self.state.heartbeats_sent += 1
+                    self.state.last_heartbeat_s = hb.sent_at_s
+                if self._renewal_due(identity):
+                    renewed = await self._try_renew(identity)
+                    if renewed is not None:
+                        return renewed
+                await self.clock.sleep(interval_s)
+            if nc.is_closed and "revoked" in str(nc.last_error).lower():
+                self._mark_revoked(str(nc.last_error))
+            return identity
+        finally:
+            self.state.hub_connected = False
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    def _renewal_due(self, identity: ident.Identity) -> bool:
+        lifetime_s = identity.expires_at_s - identity.issued_at_s
+        return self.clock.now() >= identity.issued_at_s + lifetime_s * RENEW_AT_FRACTION
+
+    async def _try_renew(self, identity: ident.Identity) -> ident.Identity | None:
+        """Renew once; None if the hub cannot be reached right now."""
+        try:
+            renewed = await asyncio.to_thread(ident.renew, self.files, identity,
+                                              self.clock.now())
+        except AuthError as exc:
+            self._mark_revoked(str(exc))
+            return None
+        except FoglineError as exc:
+            log.warning("credential renewal failed: %s", exc)
+            return None
+        self.state.renewals += 1
+        log.info("credentials renewed until %.0f", renewed.expires_at_s)
+        return renewed
+
+    async def _hub_link(self, identity: ident.Identity) -> None:
+        delay_s = 1.0
+        while not self.state.revoked:
+            if self.clock.now() >= identity.expires_at_s:
+                # Offline past expiry: the old JWT cannot connect, so renew over HTTPS.
+                renewed = await self._try_renew(identity)
+                if renewed is None:
+                    await self.clock.sleep(delay_s)
+                    delay_s = min(delay_s * 2, 30.0)
+                    continue
+                identity = renewed
+            identity = await self._link_session(identity)
+
+    # Running ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        host, _, port = self.config.listen.rpartition(":")
+        app = create_node_app(self.state)
+        async with serve_http(app, host, int(port)) as bound:
+            self.state.endpoint = f"http://{host}:{bound}"
+            identity = await self._identity()
+            self.state.node_id = identity.node_id
+            self.state.name = identity.name
+            self.state.region = identity.region
+            write_endpoint = self.config.data_dir / "endpoint"
+            write_endpoint.write_text(self.state.endpoint + "\n")
+            self.ready.set()
+            log.info("node %s (%s) serving on %s", identity.node_id, identity.name,
+                     self.state.endpoint)
+            await self._hub_link(identity)
+            # Revoked: keep serving local endpoints (they report the revocation) until
+            # the operator stops the process.
+            await asyncio.Event().wait()
+
+
+def _default_name() -> str:
+    import socket
+    return socket.gethostname().split(".")[0].lower()

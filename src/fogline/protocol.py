@@ -1,0 +1,121 @@
+"""Wire messages between nodes and the hub, and the subjects they travel on.
+
+Messages are msgspec Structs encoded as msgpack. Every message carries a version `v`;
+decoders reject unknown versions and payloads above `MAX_MESSAGE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, NewType
+
+import msgspec
+
+from fogline.errors import ProtocolError
+
+NodeId = NewType("NodeId", str)
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20
+HUB_QUEUE_GROUP = "fl-hub"
+
+Status = Literal["ready", "degraded", "quarantined", "offline", "revoked"]
+STATUSES: tuple[str, ...] = ("ready", "degraded", "quarantined", "offline", "revoked")
+Tier = Literal["device", "near", "far", "cloud"]
+TIERS: tuple[str, ...] = ("device", "near", "far", "cloud")
+
+# Node ids become subject tokens: no '.', '*', '>' or whitespace.
+_NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def valid_node_id(text: str) -> bool:
+    return bool(_NODE_ID.match(text))
+
+
+# Subjects -------------------------------------------------------------------------
+
+def heartbeat_subject(node_id: str) -> str:
+    return f"fl.node.{node_id}.hb"
+
+
+HEARTBEAT_WILDCARD = "fl.node.*.hb"
+
+
+def command_subject(node_id: str) -> str:
+    return f"fl.cmd.{node_id}"
+
+
+def inbox_prefix(node_id: str) -> str:
+    return f"_INBOX.{node_id}"
+
+
+def node_id_from_subject(subject: str) -> str:
+    parts = subject.split(".")
+    if len(parts) < 3 or parts[0] != "fl" or parts[1] != "node":
+        raise ProtocolError(f"not a node subject: {subject!r}")
+    return parts[2]
+
+
+# Messages -------------------------------------------------------------------------
+
+class Capabilities(msgspec.Struct, frozen=True):
+    cores: int
+    memory_bytes: int
+    arch: str
+    os: str
+    gpu: bool
+    version: str
+    python: str = ""
+    accelerators: tuple[str, ...] = ()
+
+
+class Load(msgspec.Struct, frozen=True):
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    load1: float = 0.0
+    rss_bytes: int = 0
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
+    node_id: str
+    seq: int
+    sent_at_s: float
+    interval_s: float
+    version: str
+    load: Load = Load()
+    # Names of health checks that currently fail; empty means healthy.
+    failing_checks: tuple[str, ...] = ()
+    uptime_s: float = 0.0
+    endpoint: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+class Command(msgspec.Struct, frozen=True, tag="cmd"):
+    """An instruction from the hub to one node (e.g. `revoked`)."""
+
+    kind: str
+    reason: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+Message = Heartbeat | Command
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    """Decode a wire message, rejecting oversize, malformed and unknown versions."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        message = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed message: {exc}") from exc
+    if message.v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {message.v}")
+    return message
