@@ -35,6 +35,7 @@ DELAY_MS_MAX = 60_000.0  # A minute of one-way delay is already no longer a WAN.
 READ_BYTES_MAX = 64 * 1024
 SLICE_S = 0.005  # Capped links release in 5 ms slices, so delivery is smooth, not bursty.
 CONNECT_TIMEOUT_S = 10.0
+TIMER_GRID_S = 0.001  # asyncio's selector timeout unit; pass 0 with a simulated clock.
 
 
 def _check_delay(name: str, value: object) -> None:
@@ -99,31 +100,34 @@ class LinkCounters:
 
 
 class _Pacer:
-    """Aims timer waits at the event loop's median wake-up.
+    """Times releases against how the event loop really wakes up.
 
-    asyncio's selector sleeps on a 1 ms grid, so a wait ends 0.5-1 ms late: twice per
-    round trip, that alone would break a 1 ms accuracy goal. Spinning would fix it at
-    the cost of a busy core, so instead we learn the typical lateness and wake that much
-    earlier; a release is then off by at most about half a millisecond either way.
+    asyncio's selector sleeps in whole milliseconds, rounded up (a 9.6 ms wait ends
+    after 10 ms), and the kernel adds its own slack on top. So we ask for the nearest
+    whole step, less the wake-up lateness we have seen (a running median): releases
+    then land within half a step of their deadline, with no busy waiting. A grid of 0
+    means exact waits (a simulated clock).
     """
 
-    STEP_S = 0.00005
-    LEAD_MAX_S = 0.002
+    LATE_STEP_S = 0.00002
+    LATE_MAX_S = 0.002
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, grid_s: float) -> None:
         self._clock = clock
-        self.lead_s = 0.0
+        self.grid_s = grid_s
+        self.late_s = 0.0
 
     async def sleep_until(self, deadline_s: float) -> None:
-        target_s = deadline_s - self.lead_s
-        delay_s = target_s - self._clock.monotonic()
+        start_s = self._clock.monotonic()
+        delay_s = deadline_s - start_s - self.late_s
+        if self.grid_s:
+            delay_s = round(delay_s / self.grid_s) * self.grid_s
         if delay_s <= 0:
             return
         await self._clock.sleep(delay_s)
-        late_s = self._clock.monotonic() - target_s
-        # A median tracker: steady against the rare very late wake of a busy loop.
-        step_s = self.STEP_S if late_s > self.lead_s else -self.STEP_S
-        self.lead_s = min(self.LEAD_MAX_S, max(0.0, self.lead_s + step_s))
+        late_s = self._clock.monotonic() - start_s - delay_s
+        step_s = self.LATE_STEP_S if late_s > self.late_s else -self.LATE_STEP_S
+        self.late_s = min(self.LATE_MAX_S, max(0.0, self.late_s + step_s))
 
 
 class _Pipe:
@@ -196,7 +200,7 @@ class _Pipe:
                 await self._has_data.wait()
                 continue
             await pacer.sleep_until(self._queue[0][0])
-            due_s = clock.monotonic() + pacer.lead_s
+            due_s = clock.monotonic() + pacer.grid_s / 2
             batch: list[bytes] = []
             eof = False
             while self._queue and self._queue[0][0] <= due_s:
@@ -281,6 +285,7 @@ class WanLink:
         rng: random.Random | None = None,
         queue_bytes_max: int = 1 << 20,
         connections_max: int = 1024,
+        timer_grid_s: float = TIMER_GRID_S,
     ) -> None:
         if config is not None and not isinstance(config, LinkConfig):
             raise ConfigError(f"config must be a LinkConfig, got {type(config).__name__}")
@@ -291,7 +296,7 @@ class WanLink:
         self.queue_bytes_max = queue_bytes_max
         self.connections_max = connections_max
         self.counters = LinkCounters()
-        self.pacer = _Pacer(self.clock)
+        self.pacer = _Pacer(self.clock, timer_grid_s)
         self.busy_until_s = {True: 0.0, False: 0.0}  # per direction: to_upstream?
         self._config = config or LinkConfig()
         self._connections: set[_Connection] = set()
@@ -414,10 +419,16 @@ class WanEmulator:
     """A set of named links started and stopped together."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", clock: Clock | None = None, seed: int | None = None
+        self,
+        *,
+        host: str = "127.0.0.1",
+        clock: Clock | None = None,
+        seed: int | None = None,
+        timer_grid_s: float = TIMER_GRID_S,
     ) -> None:
         self.host = host
         self.clock: Clock = clock or SystemClock()
+        self.timer_grid_s = timer_grid_s
         self._rng = random.Random(seed)
         self._links: dict[str, WanLink] = {}
         self._task_group: asyncio.TaskGroup | None = None
@@ -433,7 +444,14 @@ class WanEmulator:
         if name in self._links:
             raise ConfigError(f"link {name!r} already exists")
         link = WanLink(
-            name, upstream, config, host=self.host, port=port, clock=self.clock, rng=self._rng
+            name,
+            upstream,
+            config,
+            host=self.host,
+            port=port,
+            clock=self.clock,
+            rng=self._rng,
+            timer_grid_s=self.timer_grid_s,
         )
         self._links[name] = link
         if self._task_group is not None:
