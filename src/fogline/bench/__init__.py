@@ -1,1 +1,36 @@
-"""bench."""
+"""Benchmarks: each measures fogline beside a peer in the same run (see BENCHMARKS.md).
+
+Every benchmark module exposes `run(quick: bool) -> dict` returning one result object:
+name, figure, unit, peer, peer_figure, ratio, better, goal, met, conditions, samples.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "heartbeats": ("fogline.bench.heartbeats", "hub heartbeat processing, simulated nodes"),
+    "node-rss": ("fogline.bench.node_rss", "idle node agent RSS"),
+    "wan-accuracy": ("fogline.bench.wan_accuracy", "WAN emulator added RTT vs configured"),
+}
+
+
+def run(name: str, quick: bool = False) -> dict[str, Any]:
+    module_name, _ = BENCHMARKS[name]
+    module = importlib.import_module(module_name)
+    result: dict[str, Any] = module.run(quick=quick)
+    return result
+
+
+def result(*, name: str, figure: float, unit: str, peer: str, peer_figure: float | None,
+           better: str, goal: str, met: bool, conditions: dict[str, Any],
+           samples: int) -> dict[str, Any]:
+    """One benchmark result in the shared shape; ratio is ours over the peer's in the
+    direction `better` names (above 1 means fogline does better)."""
+    ratio = None
+    if peer_figure:
+        ratio = figure / peer_figure if better == "higher" else peer_figure / figure
+    return {"name": name, "figure": figure, "unit": unit, "peer": peer,
+            "peer_figure": peer_figure, "ratio": ratio, "better": better, "goal": goal,
+            "met": met, "conditions": conditions, "samples": samples}
