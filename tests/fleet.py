@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ class HubProcess:
     process: subprocess.Popen[bytes]
     url: str = ""
     token: str = ""
-    verify: str | bool = True
+    verify: ssl.SSLContext | bool = True
     nodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def client(self) -> httpx.Client:
@@ -97,7 +98,7 @@ def run_hub(data: Path, *extra: str, listen: str = "127.0.0.1:0") -> Iterator[Hu
         hub.url = (data / "hub.url").read_text().strip()
         hub.token = (data / "admin.token").read_text().strip()
         if hub.url.startswith("https://"):
-            hub.verify = str(data / "pki" / "ca.crt")
+            hub.verify = ssl.create_default_context(cafile=str(data / "pki" / "ca.crt"))
         yield hub
     finally:
         for node in hub.nodes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class HubClient:
 
     url: str
     token: str
-    verify: str | bool = True
+    verify: ssl.SSLContext | bool = True
 
     @classmethod
     def resolve(cls, hub: str | None, token: str | None, data: Path | None) -> HubClient:
@@ -51,7 +52,7 @@ class HubClient:
         data dir of a local hub."""
         hub = hub or os.environ.get("FOGLINE_HUB")
         token = token or os.environ.get("FOGLINE_TOKEN")
-        verify: str | bool = True
+        verify: ssl.SSLContext | bool = True
         data = data or (Path(os.environ["FOGLINE_DATA"]) if "FOGLINE_DATA" in os.environ
                         else None)
         if data is not None:
@@ -60,7 +61,7 @@ class HubClient:
             if token is None and (data / "admin.token").exists():
                 token = (data / "admin.token").read_text().strip()
             if (data / "pki" / "ca.crt").exists():
-                verify = str(data / "pki" / "ca.crt")
+                verify = ssl.create_default_context(cafile=str(data / "pki" / "ca.crt"))
         if not hub or not token:
             raise ConfigError("no hub: pass --hub and --token, set FOGLINE_HUB and "
                               "FOGLINE_TOKEN, or pass --data DIR of a local hub")

@@ -61,6 +61,7 @@ class NodeFiles:
 
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.identity = data_dir / "identity.json"
         self.key = data_dir / "node.key"
         self.cert = data_dir / "node.crt"
