@@ -87,6 +87,8 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
     failing_checks: tuple[str, ...] = ()
     uptime_s: float = 0.0
     endpoint: str = ""
+    # Round trip to the hub's NATS server measured by the node (PING/PONG), 0 if unknown.
+    hub_rtt_ms: float = 0.0
     v: int = PROTOCOL_VERSION
 
 

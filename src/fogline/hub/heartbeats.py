@@ -104,7 +104,7 @@ class HeartbeatProcessor:
                     load={"cpu_percent": hb.load.cpu_percent,
                           "memory_percent": hb.load.memory_percent,
                           "load1": hb.load.load1, "rss_bytes": hb.load.rss_bytes,
-                          "uptime_s": hb.uptime_s}))
+                          "uptime_s": hb.uptime_s, "hub_rtt_ms": hb.hub_rtt_ms}))
             self.store.apply_heartbeats(updates)
         self._record(transitions)
         return transitions

@@ -92,7 +92,9 @@ class HubConfig:
     heartbeat_interval_s: float = 5.0
     cert_lifetime_s: float = 86400.0
     policy: HealthPolicy = field(default_factory=HealthPolicy)
-    sweep_interval_s: float = 1.0
+    # How often silent nodes are looked for; bounds offline-detection latency beyond
+    # the missed-heartbeat rule.
+    sweep_interval_s: float = 0.5
 
 
 class Hub:
@@ -117,7 +119,8 @@ class Hub:
     def _open_local_state(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # hub.url tells local tools where a running hub listens; a stale one would lie.
-        (self.data_dir / "hub.url").unlink(missing_ok=True)
+        for stale in ("hub.url", "nats.url"):
+            (self.data_dir / stale).unlink(missing_ok=True)
         self.admin_token = load_admin_token(self.data_dir)
         now = dt.datetime.fromtimestamp(self.clock.now(), dt.UTC)
         self.ca = CertificateAuthority.open(self.data_dir / "pki", now)
@@ -216,7 +219,7 @@ class Hub:
                 for status in STATUSES:
                     nodes_gauge.labels(status=status).set(counts.get(status, 0))
                 next_sweep = self.clock.monotonic() + self.config.sweep_interval_s
-            await asyncio.sleep(FLUSH_INTERVAL_S)
+            await asyncio.sleep(min(FLUSH_INTERVAL_S, self.config.sweep_interval_s))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -255,6 +258,7 @@ class Hub:
         async with serve_http(api, host, port, tls_cert=cert, tls_key=key) as bound:
             scheme = "https" if cert is not None else "http"
             self.api_url = f"{scheme}://{'127.0.0.1' if is_wildcard(host) else host}:{bound}"
+            (self.data_dir / "nats.url").write_text(self.nats_urls[0] + "\n")
             write_private(self.data_dir / "hub.url", self.api_url + "\n")
             log.info("hub API on %s, NATS at %s", self.api_url, self.nats_urls[0])
             self.ready.set()

@@ -75,6 +75,7 @@ class NodeAgent:
         self._process = psutil.Process()
         self._seq = 0
         self._nc: NatsClient | None = None
+        self._reconnected = asyncio.Event()
 
     # Identity -----------------------------------------------------------------------
 
@@ -124,13 +125,16 @@ class NodeAgent:
 
         async def on_reconnect() -> None:
             self.state.hub_connected = True
+            self._reconnected.set()
 
         return await nats.connect(
             servers=urls, name=f"fogline-node-{identity.node_id}",
             user_jwt_cb=lambda: jwt.encode(),
             signature_cb=lambda nonce: base64.b64encode(seed.sign(nonce.encode())),
             inbox_prefix=inbox_prefix(identity.node_id), connect_timeout=3,
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1,
+            allow_reconnect=True, max_reconnect_attempts=-1,
+            # Retry faster when heartbeats are frequent, never slower than once a second.
+            reconnect_time_wait=min(1.0, self._interval_s(identity) / 4),
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **kwargs)
 
@@ -173,7 +177,8 @@ class NodeAgent:
             node_id=identity.node_id, seq=self._seq, sent_at_s=self.clock.now(),
             interval_s=self._interval_s(identity), version=__version__,
             load=current_load(self._process), failing_checks=self.failing_checks(),
-            uptime_s=self.clock.now() - self.state.started_at_s, endpoint=self.state.endpoint)
+            uptime_s=self.clock.now() - self.state.started_at_s, endpoint=self.state.endpoint,
+            hub_rtt_ms=self.state.hub_rtt_ms)
 
     async def _link_session(self, identity: ident.Identity) -> ident.Identity:
         """One NATS connection: heartbeat until it closes or credentials were renewed.
@@ -189,15 +194,15 @@ class NodeAgent:
             interval_s = self._interval_s(identity)
             while not nc.is_closed and not self.state.revoked:
                 if nc.is_connected:
-                    hb = self.heartbeat(identity)
-                    await nc.publish(heartbeat_subject(identity.node_id), encode(hb))
-                    self.state.heartbeats_sent += 1
-                    self.state.last_heartbeat_s = hb.sent_at_s
+                    await self._send_heartbeat(nc, identity)
                 if self._renewal_due(identity):
                     renewed = await self._try_renew(identity)
                     if renewed is not None:
                         return renewed
-                await self.clock.sleep(interval_s)
+                # Wake early on reconnect: the hub learns the node is back at once.
+                self._reconnected.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reconnected.wait(), interval_s)
             if nc.is_closed and "revoked" in str(nc.last_error).lower():
                 self._mark_revoked(str(nc.last_error))
             return identity
@@ -205,6 +210,18 @@ class NodeAgent:
             self.state.hub_connected = False
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _send_heartbeat(self, nc: NatsClient, identity: ident.Identity) -> None:
+        started_s = self.clock.monotonic()
+        try:
+            await nc.flush(timeout=max(1.0, self._interval_s(identity)))
+            self.state.hub_rtt_ms = (self.clock.monotonic() - started_s) * 1000
+        except (nats.errors.Error, TimeoutError):
+            return
+        hb = self.heartbeat(identity)
+        await nc.publish(heartbeat_subject(identity.node_id), encode(hb))
+        self.state.heartbeats_sent += 1
+        self.state.last_heartbeat_s = hb.sent_at_s
 
     def _renewal_due(self, identity: ident.Identity) -> bool:
         lifetime_s = identity.expires_at_s - identity.issued_at_s

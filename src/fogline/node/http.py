@@ -27,6 +27,7 @@ class NodeState:
     heartbeats_sent: int = 0
     last_heartbeat_s: float = 0.0
     renewals: int = 0
+    hub_rtt_ms: float = 0.0
 
     @property
     def status(self) -> str:
@@ -48,7 +49,7 @@ def create_node_app(state: NodeState) -> Starlette:
         body = {
             "status": state.status, "node_id": state.node_id, "name": state.name,
             "region": state.region, "hub_connected": state.hub_connected,
-            "heartbeats_sent": state.heartbeats_sent,
+            "heartbeats_sent": state.heartbeats_sent, "hub_rtt_ms": state.hub_rtt_ms,
             "last_heartbeat_s": state.last_heartbeat_s, "version": __version__,
         }
         return JSONResponse(body, status_code=200 if not state.revoked else 503)

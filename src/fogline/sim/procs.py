@@ -1,0 +1,47 @@
+"""Child `fogline` processes for the demo and scenarios, owned and always reaped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fogline.errors import RetryableError, TerminalError
+from fogline.transport.nats_server import die_with_parent, stop_process
+
+FOGLINE = (sys.executable, "-m", "fogline")
+
+
+@contextlib.asynccontextmanager
+async def fogline_process(args: list[str], log_path: Path) -> AsyncIterator[
+        asyncio.subprocess.Process]:
+    """`fogline ARGS` with output to `log_path`; stopped (SIGTERM, then SIGKILL) on exit.
+
+    The child also dies with this process if it is SIGKILLed, so no orphan survives.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            *FOGLINE, *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            preexec_fn=die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        yield process
+    finally:
+        await stop_process(process)
+
+
+async def wait_for_file(path: Path, process: asyncio.subprocess.Process, timeout_s: float,
+                        log_path: Path) -> str:
+    """The content of a file a child writes once it is ready."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if process.returncode is not None:
+            raise TerminalError(f"process exited: {log_path.read_text()[-2000:]}")
+        await asyncio.sleep(0.05)
+    raise RetryableError(f"{path} did not appear within {timeout_s}s")
