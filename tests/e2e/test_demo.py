@@ -1,0 +1,78 @@
+"""`fogline demo` end to end: the headless run's story, and nothing left running."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.fleet import FOGLINE, wait_for
+
+HEARTBEAT_S = 1.0
+
+
+def processes_using(path: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if str(path) in cmdline:
+            found.append(process)
+    return found
+
+
+def test_headless_demo_shows_partition_detection_and_recovery(tmp_path: Path) -> None:
+    data, summary_path = tmp_path / "demo", tmp_path / "demo.json"
+    result = subprocess.run(
+        [*FOGLINE, "demo", "--headless", "--duration", "45", "--data", str(data),
+         "--json", str(summary_path)], capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(summary_path.read_text())
+
+    nodes = {n["name"]: n for n in summary["nodes"]}
+    assert set(nodes) == {"us-east-1", "eu-west-1", "ap-south-1"}
+    assert all(n["status"] == "ready" for n in nodes.values())
+    assert all(len(n["ids_seen"]) == 1 for n in nodes.values()), "a node changed id"
+    assert summary["enrollments"] == 3, "a node enrolled again"
+    for node in nodes.values():
+        # The RTT each node measures to the hub is the region's emulated RTT.
+        assert abs(node["rtt_measured_ms"] - node["rtt_configured_ms"]) < max(
+            5.0, 0.1 * node["rtt_configured_ms"]), node
+
+    partition = summary["partition"]
+    assert partition["region"] == "eu-west"
+    cut = partition["nodes"]["eu-west-1"]
+    rtt_s = nodes["eu-west-1"]["rtt_configured_ms"] / 1000
+    assert cut["local_status_while_offline"] == "ok"
+    assert 0 < cut["detection_s"] <= 3 * HEARTBEAT_S + rtt_s + 0.25, cut
+    assert 0 < cut["recovery_s"] <= HEARTBEAT_S + rtt_s, cut
+    timeline = [e["event"] for e in summary["timeline"]]
+    assert timeline.index("partition") < timeline.index("heal")
+    offline = [s["t_s"] for s in summary["statuses"] if s["status"]["eu-west-1"] == "offline"]
+    assert offline, "the view never showed eu-west offline"
+    assert all(s["status"]["us-east-1"] == "ready" for s in summary["statuses"]
+               if s["t_s"] > offline[0]), "the partition disturbed another region"
+    assert processes_using(data) == []
+
+
+def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path) -> None:
+    data = tmp_path / "demo"
+    demo = subprocess.Popen([*FOGLINE, "demo", "--headless", "--duration", "0", "--data",
+                             str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # hub + nats-server + three nodes
+        wait_for(lambda: len(processes_using(data)) >= 5 and (
+            data / "nodes" / "ap-south-1" / "endpoint").exists(), 60, "demo fleet running")
+        children = psutil.Process(demo.pid).children(recursive=True)
+        assert any("nats-server" in c.name() for c in children)
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(30) == 0
+        time.sleep(0.5)
+        assert [p for p in children if p.is_running() and p.status() != "zombie"] == []
+        assert processes_using(data) == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
