@@ -11,6 +11,7 @@ from typing import Any
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "heartbeats": ("fogline.bench.heartbeats", "hub heartbeat processing, simulated nodes"),
+    "node-http": ("fogline.bench.node_http", "node endpoint: uvicorn vs granian, one core"),
     "node-rss": ("fogline.bench.node_rss", "idle node agent RSS"),
     "wan-accuracy": ("fogline.bench.wan_accuracy", "WAN emulator added RTT vs configured"),
 }
