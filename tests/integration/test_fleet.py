@@ -104,3 +104,30 @@ def test_hub_stops_its_nats_server_on_sigterm_and_on_sigkill(tmp_path: Path) -> 
             stop(hub.process, sig)
             wait_for(lambda s=servers[0]: not s.is_running() or s.status() == "zombie", 10,
                      "nats-server to exit")
+
+
+def test_hub_uses_an_external_nats_server_configured_by_nats_config(tmp_path: Path) -> None:
+    import subprocess
+
+    from fogline.transport.nats_server import free_port, nats_server_binary
+    from tests.fleet import FOGLINE
+
+    port = free_port()
+    data = tmp_path / "hub"
+    config = subprocess.run(
+        [*FOGLINE, "hub", "nats-config", "--data", str(data), "--host", "127.0.0.1",
+         "--port", str(port), "--store-dir", str(tmp_path / "nats-store")],
+        capture_output=True, text=True, check=True).stdout
+    assert "operator:" in config and "resolver_preload" in config
+    (tmp_path / "nats.conf").write_text(config)
+    server = subprocess.Popen([str(nats_server_binary()), "-c", str(tmp_path / "nats.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        with run_hub(data, "--nats", url, "--heartbeat-interval", "1s") as hub:
+            hub.start_node(tmp_path / "n1", "n1", hub.create_token())
+            wait_for(lambda: hub.nodes_by_name().get("n1", {}).get("status") == "ready", 30,
+                     "n1 ready through the external server")
+            assert not (data / "nats" / "nats-server.conf").exists()  # nothing embedded
+    finally:
+        stop(server)
