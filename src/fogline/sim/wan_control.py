@@ -107,10 +107,12 @@ def control_app(emulator: WanEmulator) -> Starlette:
 
     return Starlette(
         routes=[
+            # Link names may hold "/" (the demo names links "node-1/nats"), so the
+            # specific routes come first and the name matches as a path.
             Route("/links", list_links, methods=["GET"]),
-            Route("/links/{name}", endpoint(show), methods=["GET"]),
-            Route("/links/{name}", endpoint(update), methods=["POST"]),
-            Route("/links/{name}/partition", endpoint(partition), methods=["POST"]),
-            Route("/links/{name}/heal", endpoint(heal), methods=["POST"]),
+            Route("/links/{name:path}/partition", endpoint(partition), methods=["POST"]),
+            Route("/links/{name:path}/heal", endpoint(heal), methods=["POST"]),
+            Route("/links/{name:path}", endpoint(show), methods=["GET"]),
+            Route("/links/{name:path}", endpoint(update), methods=["POST"]),
         ]
     )
