@@ -24,6 +24,8 @@ import httpx
 from fogline.errors import ConfigError, RetryableError
 from fogline.sim.procs import fogline_process, wait_for_file
 from fogline.sim.wan import LinkConfig, WanEmulator, WanLink
+from fogline.sim.wan_control import control_app
+from fogline.transport.http_server import serve_http
 
 DEFAULT_RTT_MS: dict[str, float] = {"us-east": 20.0, "eu-west": 80.0, "ap-south": 150.0}
 POLL_INTERVAL_S = 0.2
@@ -99,6 +101,7 @@ class DemoState:
     samples: list[dict[str, Any]] = field(default_factory=list)
     phase: str = "starting"
     hub_url: str = ""
+    wan_url: str = ""
     data_dir: str = ""
 
     def elapsed_s(self) -> float:
@@ -146,6 +149,11 @@ class Demo:
             async with contextlib.AsyncExitStack() as stack:
                 hub_url, nats_url, admin = await self._start_hub(stack, data)
                 wan = await stack.enter_async_context(WanEmulator())
+                # The WAN is steerable at run time: curl $wan_url/links, .../partition.
+                wan_port = await stack.enter_async_context(
+                    serve_http(control_app(wan), "127.0.0.1", 0))
+                self.state.wan_url = f"http://127.0.0.1:{wan_port}"
+                (data / "wan.url").write_text(self.state.wan_url + "\n")
                 async with httpx.AsyncClient(
                         base_url=hub_url, timeout=10,
                         headers={"Authorization": f"Bearer {admin}"}) as api:
@@ -299,6 +307,7 @@ class Demo:
             "duration_s": round(self.state.elapsed_s(), 3),
             "heartbeat_interval_s": self.config.heartbeat_interval_s,
             "hub_url": self.state.hub_url,
+            "wan_control_url": self.state.wan_url,
             "enrollments": enrollments,
             "nodes": [{
                 "name": n.name, "region": n.region, "node_id": n.node_id,

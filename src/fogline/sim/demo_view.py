@@ -44,4 +44,5 @@ def render(state: DemoState) -> Panel:
         lines.append(f"t={entry['t_s']:6.1f}s  {entry['event']:<14} {text}\n")
     title = (f"fogline demo — {state.phase} — t={state.elapsed_s():.0f}s — hub {state.hub_url}")
     return Panel(Group(table, Panel(lines, title="timeline", border_style="dim")),
-                 title=title, subtitle="Ctrl-C stops everything")
+                 title=title,
+                 subtitle=f"WAN control: {state.wan_url}/links — Ctrl-C stops everything")
