@@ -27,10 +27,12 @@ hub_app = typer.Typer(help="Run the hub, or print its NATS configuration.")
 node_app = typer.Typer(help="Run an edge node, or manage enrolled nodes.")
 token_app = typer.Typer(help="Bootstrap tokens for enrolling nodes.", no_args_is_help=True)
 get_app = typer.Typer(help="Show fleet objects.", no_args_is_help=True)
+collection_app = typer.Typer(help="Replicated collections.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(node_app, name="node")
 app.add_typer(token_app, name="token")
 app.add_typer(get_app, name="get")
+app.add_typer(collection_app, name="collection")
 
 console = Console()
 
@@ -280,6 +282,67 @@ def get_events(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
         table.add_row(time.strftime("%H:%M:%S", time.localtime(e["at_s"])), e["actor"],
                       e["kind"], e["subject"], json.dumps(e["detail"]))
     console.print(table)
+
+
+@collection_app.command("create")
+def collection_create(
+    name: Annotated[str, typer.Argument(help="Collection name")],
+    kind: Annotated[str, typer.Option("--type", help="map, counter or set")] = "map",
+    scope: Annotated[str, typer.Option(help="node, region or global")] = "global",
+    hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+) -> None:
+    """Create a collection (idempotent; type and scope cannot change later)."""
+    try:
+        result = HubClient.resolve(hub, token, data).request(
+            "POST", "/v1/collections", {"name": name, "type": kind, "scope": scope})
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"collection/{name} {result['result']}")
+
+
+@get_app.command("collections")
+def get_collections(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+                    output: OutputOpt = "table") -> None:
+    """List collections with their type, scope and replicas."""
+    try:
+        rows = HubClient.resolve(hub, token, data).request("GET", "/v1/collections")
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    if output == "json":
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "TYPE", "SCOPE", "REPLICAS"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["type"], row["scope"], ", ".join(row["replicas"]))
+    console.print(table)
+
+
+@get_app.command("collection")
+def get_collection(
+    name: Annotated[str, typer.Argument(help="Collection name")],
+    key: Annotated[str | None, typer.Argument(help="One key of a map")] = None,
+    replica: Annotated[str | None, typer.Option(help="global, region.R or node.ID")] = None,
+    hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+    output: OutputOpt = "table",
+) -> None:
+    """The hub's view of a collection (every replica, or one)."""
+    path = f"/v1/collections/{name}" + (f"?replica={replica}" if replica else "")
+    try:
+        view = HubClient.resolve(hub, token, data).request("GET", path)
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    if key is not None:
+        if view["type"] != "map":
+            raise _fail(ConfigError(f"{name} is a {view['type']}; keys exist only in maps"))
+        view["replicas"] = {r: v.get(key) for r, v in view["replicas"].items()}
+    if output == "json":
+        typer.echo(json.dumps(view, indent=2))
+        return
+    console.print(f"[bold]{name}[/bold] ({view['type']}, scope {view['scope']})")
+    for replica_name, value in view["replicas"].items():
+        console.print(f"  {replica_name}: {json.dumps(value)}", highlight=False)
 
 
 @get_app.command("tokens")

@@ -12,14 +12,18 @@ import hmac
 import re
 from typing import Annotated, Any, Protocol
 
+import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from fogline import __version__
+from fogline.core.crdt import CollectionState
+from fogline.core.sync import CollectionDef, check_definition
 from fogline.core.tokens import TokenRecord, new_token
 from fogline.errors import AuthError, ConfigError, FoglineError, NotFoundError, ProtocolError
+from fogline.hub.collections import CollectionStore
 from fogline.hub.enrollment import Credentials, Enrollment
 from fogline.hub.store import HubStore
 from fogline.protocol import TIERS
@@ -95,6 +99,12 @@ class RevokeRequest(BaseModel):
     reason: str = Field("revoked by admin", max_length=500)
 
 
+class CollectionCreate(BaseModel):
+    name: str = Field(max_length=63)
+    type: str
+    scope: str
+
+
 class HubOperations(Protocol):
     """What the API needs from the running hub beyond the store."""
 
@@ -102,8 +112,21 @@ class HubOperations(Protocol):
     heartbeat_interval_s: float
     ca_pem: str
     ca_fingerprint: str
+    collections: CollectionStore
 
     def revoke(self, node_id: str, reason: str, actor: str) -> dict[str, Any]: ...
+
+    def define_collection(self, definition: CollectionDef) -> str: ...
+
+
+def collection_view(state: CollectionState) -> Any:
+    """A replica's value as JSON: maps as objects, counters as numbers, sets as lists."""
+    value = state.value()
+    if state.kind == "map":
+        return {k: msgspec.msgpack.decode(v) for k, v in value.items()}  # type: ignore[union-attr]
+    if state.kind == "set":
+        return sorted((msgspec.msgpack.decode(e) for e in value), key=repr)  # type: ignore[union-attr]
+    return value
 
 
 _STATUS_FOR: list[tuple[type[FoglineError], int]] = [
@@ -189,6 +212,35 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
     @app.post("/v1/nodes/{node_id}/revoke")
     def revoke(node_id: str, body: RevokeRequest, actor: Admin) -> dict[str, Any]:
         return hub.revoke(node_id, body.reason, actor)
+
+    @app.post("/v1/collections")
+    def create_collection(body: CollectionCreate, actor: Admin) -> JSONResponse:
+        try:
+            definition = check_definition(body.name, body.type, body.scope)
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        result = hub.define_collection(definition)
+        if result == "created":
+            store.add_event(enrollment.clock.now(), actor, "collection.created", body.name,
+                            {"type": body.type, "scope": body.scope})
+        return JSONResponse({"name": body.name, "type": body.type, "scope": body.scope,
+                             "result": result}, status_code=201 if result == "created" else 200)
+
+    @app.get("/v1/collections")
+    def list_collections(_: Admin) -> list[dict[str, Any]]:
+        return [{"name": d.name, "type": d.type, "scope": d.scope,
+                 "replicas": hub.collections.replicas_of(d.name)}
+                for d in hub.collections.definitions().values()]
+
+    @app.get("/v1/collections/{name}")
+    def get_collection(name: str, _: Admin, replica: str | None = None) -> dict[str, Any]:
+        definition = hub.collections.definitions().get(name)
+        if definition is None:
+            raise NotFoundError(f"no collection {name!r}")
+        replicas = [replica] if replica else hub.collections.replicas_of(name)
+        return {"name": name, "type": definition.type, "scope": definition.scope,
+                "replicas": {r: collection_view(hub.collections.state(name, r))
+                             for r in replicas}}
 
     @app.get("/v1/events")
     def list_events(_: Admin, limit: int = 200) -> list[dict[str, Any]]:

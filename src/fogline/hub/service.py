@@ -27,14 +27,17 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from fogline.clock import Clock, SystemClock
 from fogline.core.health import HealthPolicy, revoke
+from fogline.core.sync import CollectionDef
 from fogline.errors import ConfigError
 from fogline.fsutil import write_private
 from fogline.hub.api import create_api
+from fogline.hub.collections import CollectionStore
 from fogline.hub.enrollment import Enrollment
 from fogline.hub.heartbeats import HeartbeatMetrics, HeartbeatProcessor
 from fogline.hub.nats_authority import NatsAuthority
 from fogline.hub.pki import CertificateAuthority
 from fogline.hub.store import HubStore, health_of
+from fogline.hub.sync import HubSync, SyncMetrics, ensure_sync_streams
 from fogline.protocol import (
     HEARTBEAT_WILDCARD,
     HUB_QUEUE_GROUP,
@@ -195,6 +198,10 @@ class Hub:
         future.result(timeout=10)
         return {"node_id": node_id, "status": "revoked", "reason": reason}
 
+    def define_collection(self, definition: CollectionDef) -> str:
+        future = asyncio.run_coroutine_threadsafe(self.sync.define(definition), self._loop)
+        return future.result(timeout=15)
+
     async def _announce_revocation(self, node_id: str, reason: str) -> None:
         assert self._nc is not None
         # Tell the node first (its connection is cut the moment the account updates).
@@ -242,8 +249,13 @@ class Hub:
             self.store.close()
 
     async def _serve(self, host: str, port: int) -> None:
-        assert self._nc is not None
+        assert self._nc is not None and self.store is not None
         await self.push_account()
+        js = self._nc.jetstream(timeout=10)
+        await ensure_sync_streams(js)
+        self.collections = CollectionStore(self.store.engine)
+        self.sync = HubSync(self.collections, self.store, self._nc, js, self.clock,
+                            SyncMetrics(self.registry))
         processor = HeartbeatProcessor(self.store, self.clock,  # type: ignore[arg-type]
                                        HeartbeatMetrics(self.registry), self.config.policy)
 
@@ -262,5 +274,8 @@ class Hub:
             write_private(self.data_dir / "hub.url", self.api_url + "\n")
             log.info("hub API on %s, NATS at %s", self.api_url, self.nats_urls[0])
             self.ready.set()
-            await self._intake_loop(processor)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._intake_loop(processor))
+                group.create_task(self.sync.run_merge())
+                group.create_task(self.sync.run_snapshots())
 

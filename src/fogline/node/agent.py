@@ -29,7 +29,10 @@ from fogline.clock import Clock, SystemClock
 from fogline.errors import AuthError, FoglineError, ProtocolError, RetryableError
 from fogline.node import identity as ident
 from fogline.node.capabilities import current_load, discover
-from fogline.node.http import NodeState, create_node_app
+from fogline.node.collections import NodeCollections
+from fogline.node.http import NodeState, create_node_app, load_local_token
+from fogline.node.sqlite_writer import FsyncPolicy
+from fogline.node.sync import NodeSync
 from fogline.protocol import (
     Command,
     Heartbeat,
@@ -63,6 +66,7 @@ class NodeConfig:
     heartbeat_interval_s: float | None = None
     nats_url: str | None = None
     ca_sha256: str | None = None
+    fsync: FsyncPolicy = "normal"
 
 
 class NodeAgent:
@@ -189,6 +193,8 @@ class NodeAgent:
         nc = await self._connect_with_retry(identity)
         self._nc = nc
         self.state.hub_connected = True
+        sync = asyncio.create_task(NodeSync(self.collections, nc, identity.node_id,
+                                            self.clock).run())
         try:
             await nc.subscribe(command_subject(identity.node_id), cb=self._on_command)
             interval_s = self._interval_s(identity)
@@ -208,6 +214,9 @@ class NodeAgent:
             return identity
         finally:
             self.state.hub_connected = False
+            sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sync
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -259,10 +268,17 @@ class NodeAgent:
 
     async def run(self) -> None:
         host, _, port = self.config.listen.rpartition(":")
-        app = create_node_app(self.state)
+        local_token = load_local_token(self.config.data_dir)
+        collections: list[NodeCollections] = []
+        app = create_node_app(self.state, lambda: collections[0] if collections else None,
+                              local_token)
         async with serve_http(app, host, int(port)) as bound:
             self.state.endpoint = f"http://{host}:{bound}"
             identity = await self._identity()
+            self.collections = NodeCollections(self.config.data_dir / "state.db",
+                                               identity.node_id, self.clock,
+                                               self.config.fsync)
+            collections.append(self.collections)
             self.state.node_id = identity.node_id
             self.state.name = identity.name
             self.state.region = identity.region
@@ -274,7 +290,10 @@ class NodeAgent:
             await self._hub_link(identity)
             # Revoked: keep serving local endpoints (they report the revocation) until
             # the operator stops the process.
-            await asyncio.Event().wait()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.collections.close()
 
 
 def _default_name() -> str:

@@ -1,8 +1,18 @@
-"""The node's own HTTP endpoints: `/healthz` and `/metrics`, served with the hub down."""
+"""The node's own HTTP endpoints, served with the hub down.
+
+`/healthz` and `/metrics` are open. `/local/...` reads and writes the node's collections
+and requires the node's local token (`DIR/local.token`, mode 0600), because it changes
+replicated state.
+"""
 
 from __future__ import annotations
 
+import hmac
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.applications import Starlette
@@ -11,6 +21,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fogline import __version__
+from fogline.errors import ConfigError, FoglineError, NotFoundError, ProtocolError
+from fogline.fsutil import write_private
+from fogline.node.collections import NodeCollections
+
+
+def load_local_token(data_dir: Path) -> str:
+    path = data_dir / "local.token"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = "fln_" + secrets.token_urlsafe(24)
+    write_private(path, token + "\n")
+    return token
 
 
 @dataclass
@@ -34,7 +57,78 @@ class NodeState:
         return "revoked" if self.revoked else "ok"
 
 
-def create_node_app(state: NodeState) -> Starlette:
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+async def _apply(collections: NodeCollections, name: str, body: dict[str, Any]) -> None:
+    collection = collections.collection(name)
+    action = body.get("op")
+    if action == "put":
+        await collection.put(str(body["key"]), body.get("value"))
+    elif action == "delete":
+        await collection.delete(str(body["key"]))
+    elif action in ("incr", "decr"):
+        amount = body.get("amount", 1)
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise ConfigError("amount must be an integer")
+        await (collection.incr if action == "incr" else collection.decr)(amount)
+    elif action == "add":
+        await collection.add(body["value"])
+    elif action == "remove":
+        await collection.remove(body["value"])
+    else:
+        raise ConfigError("op must be one of put, delete, incr, decr, add, remove")
+
+
+def local_routes(get_collections: Callable[[], NodeCollections | None],
+                 local_token: str) -> list[Route]:
+    def authorized(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        return hmac.compare_digest(header, f"Bearer {local_token}")
+
+    async def collections_endpoint(request: Request) -> JSONResponse:
+        collections = get_collections()
+        if not authorized(request):
+            return _error(401, "local token required")
+        if collections is None:
+            return _error(503, "node is still starting")
+        name = request.path_params.get("name")
+        try:
+            if name is None:
+                return JSONResponse([{"name": d.name, "type": d.type, "scope": d.scope}
+                                     for d in collections.definitions()])
+            if request.method == "POST":
+                try:
+                    body = await request.json()
+                except ValueError:
+                    return _error(422, "body must be JSON")
+                if not isinstance(body, dict):
+                    return _error(422, "body must be a JSON object")
+                try:
+                    await _apply(collections, name, body)
+                except KeyError as exc:
+                    return _error(422, f"missing field {exc}")
+            value = collections.collection(name).value()
+            if isinstance(value, set):
+                value = sorted(value, key=repr)
+            return JSONResponse({"name": name, "value": value,
+                                 "pending_sync": collections.pending_count()})
+        except NotFoundError as exc:
+            return _error(404, str(exc))
+        except (ConfigError, ProtocolError) as exc:
+            return _error(422, str(exc))
+        except FoglineError as exc:
+            return _error(503, str(exc))
+
+    return [Route("/local/collections", collections_endpoint),
+            Route("/local/collections/{name}", collections_endpoint,
+                  methods=["GET", "POST"])]
+
+
+def create_node_app(state: NodeState,
+                    get_collections: Callable[[], NodeCollections | None] = lambda: None,
+                    local_token: str = "") -> Starlette:
     registry = CollectorRegistry()
     Gauge("fogline_node_hub_connected", "1 while the NATS link to the hub is up",
           registry=registry).set_function(lambda: float(state.hub_connected))
@@ -57,4 +151,7 @@ def create_node_app(state: NodeState) -> Starlette:
     async def metrics(_request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", metrics)])
+    routes = [Route("/healthz", healthz), Route("/metrics", metrics)]
+    if local_token:
+        routes += local_routes(get_collections, local_token)
+    return Starlette(routes=routes)

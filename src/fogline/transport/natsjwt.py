@@ -134,7 +134,11 @@ def _account_limits(jetstream: bool) -> dict[str, object]:
 def node_permissions_template() -> dict[str, object]:
     """What any node may do, expressed once for the scoped signing key."""
     return {
-        "pub": {"allow": ["fl.node.{{name()}}.>"]},
+        # Its own subjects, plus pulling from and acking its own durable consumer on the
+        # collection fan-out stream (the hub creates that consumer, the node cannot).
+        "pub": {"allow": ["fl.node.{{name()}}.>",
+                          "$JS.API.CONSUMER.MSG.NEXT.FL_FANOUT.{{name()}}",
+                          "$JS.ACK.FL_FANOUT.{{name()}}.>"]},
         "sub": {"allow": ["fl.cmd.{{name()}}", "fl.cmd.{{name()}}.>", "_INBOX.{{name()}}.>"]},
         "resp": {"max": 1, "ttl": 0},
         "subs": UNLIMITED, "data": UNLIMITED, "payload": UNLIMITED,

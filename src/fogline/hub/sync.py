@@ -1,0 +1,220 @@
+"""Collection sync at the hub: merge what nodes send, fan out what changed.
+
+Nodes publish `StateBatch`es to the JetStream stream FL_STATE. Merge workers (a durable
+pull consumer shared by every hub process) merge each fetched group of batches into the
+SQL replicas in one transaction, publish the changed ops to FL_FANOUT on one subject per
+replica, and only then ack. A redelivered batch is fanned out in full, so a hub that
+crashed between commit and fan-out still delivers every change. Each node reads its
+replicas through its own durable consumer on FL_FANOUT, created here when it asks for a
+snapshot, so it resumes exactly where it stopped after any outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from prometheus_client import CollectorRegistry, Counter
+
+from fogline.clock import Clock
+from fogline.core.crdt import Op
+from fogline.core.sync import (
+    CollectionDef,
+    FanoutBatch,
+    Snapshot,
+    StateBatch,
+    decode_sync,
+    encode_sync,
+    fanout_subject,
+    node_fanout_subjects,
+    replica_key,
+)
+from fogline.errors import FoglineError, ProtocolError
+from fogline.hub.collections import CollectionStore, Located
+from fogline.hub.store import HubStore
+from fogline.protocol import HUB_QUEUE_GROUP, node_id_from_subject
+
+log = logging.getLogger("fogline.hub.sync")
+
+STATE_STREAM = "FL_STATE"
+FANOUT_STREAM = "FL_FANOUT"
+MERGE_CONSUMER = "fl-merge"
+RETENTION_S = 7 * 86400
+FETCH_BATCH = 64
+FANOUT_OPS_MAX = 2000
+
+
+async def ensure_sync_streams(js: JetStreamContext) -> None:
+    for name, subjects in ((STATE_STREAM, ["fl.node.*.state"]), (FANOUT_STREAM, ["fl.state.>"])):
+        config = StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE,
+                              retention=RetentionPolicy.LIMITS, max_age=RETENTION_S,
+                              duplicate_window=120, max_msg_size=8 * 1024 * 1024)
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await js.update_stream(config)
+
+
+class SyncMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ops_merged = Counter("fogline_hub_collection_ops_merged_total",
+                                  "Ops merged into hub replicas", registry=registry)
+        self.ops_changed = Counter("fogline_hub_collection_ops_changed_total",
+                                   "Merged ops that changed a replica", registry=registry)
+        self.conflicts = Counter("fogline_hub_collection_conflicts_total",
+                                 "Concurrent map writes that lost", ["collection"],
+                                 registry=registry)
+        self.rejected = Counter("fogline_hub_collection_ops_rejected_total",
+                                "Ops refused (unknown collection, bad batch)", ["reason"],
+                                registry=registry)
+
+
+class HubSync:
+    def __init__(self, collections: CollectionStore, registry_store: HubStore,
+                 nc: NatsClient, js: JetStreamContext, clock: Clock,
+                 metrics: SyncMetrics) -> None:
+        self.collections = collections
+        self.registry_store = registry_store
+        self.nc = nc
+        self.js = js
+        self.clock = clock
+        self.metrics = metrics
+        self._regions: dict[str, str] = {}
+        self._defs: dict[str, CollectionDef] = {}
+
+    # Definitions --------------------------------------------------------------------
+
+    async def define(self, definition: CollectionDef) -> str:
+        result = await asyncio.to_thread(self.collections.define, definition, self.clock.now())
+        self._defs[definition.name] = definition
+        # Definitions travel on the global subject: every node learns every collection.
+        await self.js.publish(fanout_subject("global"),
+                              encode_sync(FanoutBatch(defs=[definition])))
+        return result
+
+    def _definition(self, name: str) -> CollectionDef | None:
+        if name not in self._defs:
+            self._defs = self.collections.definitions()
+        return self._defs.get(name)
+
+    def _region(self, node_id: str) -> str:
+        if node_id not in self._regions:
+            self._regions[node_id] = str(self.registry_store.get_node(node_id)["region"])
+        return self._regions[node_id]
+
+    # Merging ------------------------------------------------------------------------
+
+    def _locate(self, node_id: str, batch: StateBatch) -> list[Located]:
+        located: list[Located] = []
+        for name, op in batch.ops:
+            definition = self._definition(name)
+            if definition is None:
+                self.metrics.rejected.labels(reason="unknown-collection").inc()
+                log.warning("node %s wrote unknown collection %r", node_id, name)
+                continue
+            located.append((replica_key(definition.scope, self._region(node_id), node_id),
+                            name, op))
+        return located
+
+    def merge_messages(self, msgs: list[Msg]) -> dict[str, list[tuple[str, Op]]]:
+        """Merge fetched batches; return the ops to fan out, by replica."""
+        located: list[Located] = []
+        replay: list[Located] = []
+        for msg in msgs:
+            try:
+                batch = decode_sync(msg.data)
+                node_id = node_id_from_subject(msg.subject)
+                if not isinstance(batch, StateBatch) or batch.origin != node_id:
+                    raise ProtocolError("not a state batch from this node")
+                ops = self._locate(node_id, batch)
+            except (ProtocolError, FoglineError) as exc:
+                self.metrics.rejected.labels(reason=type(exc).__name__).inc()
+                log.warning("state batch on %s refused: %s", msg.subject, exc)
+                continue
+            located.extend(ops)
+            if msg.metadata.num_delivered > 1:
+                replay.extend(ops)
+        outcome = self.collections.merge(located)
+        self.metrics.ops_merged.inc(len(located))
+        self.metrics.ops_changed.inc(len(outcome.changed))
+        for _, collection, _ in outcome.conflicts:
+            self.metrics.conflicts.labels(collection=collection).inc()
+        fanout: dict[str, list[tuple[str, Op]]] = defaultdict(list)
+        seen: set[int] = set()
+        for replica, collection, op in [*outcome.changed, *replay]:
+            if id(op) not in seen:
+                seen.add(id(op))
+                fanout[replica].append((collection, op))
+        return fanout
+
+    async def _publish_fanout(self, fanout: dict[str, list[tuple[str, Op]]]) -> None:
+        for replica, ops in fanout.items():
+            for start in range(0, len(ops), FANOUT_OPS_MAX):
+                await self.js.publish(fanout_subject(replica), encode_sync(
+                    FanoutBatch(ops=ops[start:start + FANOUT_OPS_MAX])))
+
+    async def run_merge(self) -> None:
+        subscription = await self.js.pull_subscribe(
+            "fl.node.*.state", durable=MERGE_CONSUMER, stream=STATE_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10_000,
+                                  ack_wait=30))
+        while True:
+            try:
+                msgs = await subscription.fetch(FETCH_BATCH, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            if not msgs:
+                continue
+            fanout = await asyncio.to_thread(self.merge_messages, msgs)
+            await self._publish_fanout(fanout)
+            for msg in msgs:
+                await msg.ack()
+
+    # Snapshots ----------------------------------------------------------------------
+
+    async def snapshot_for(self, node_id: str) -> Snapshot:
+        """(Re)start the node's fan-out consumer at the stream's tail and return the
+        hub's state of every replica the node holds; nothing between is missed because
+        ops are merged into SQL before they are fanned out."""
+        region = await asyncio.to_thread(self._region, node_id)
+        info = await self.js.stream_info(FANOUT_STREAM)
+        last_seq = info.state.last_seq
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_consumer(FANOUT_STREAM, node_id)
+        await self.js.add_consumer(FANOUT_STREAM, ConsumerConfig(
+            durable_name=node_id, filter_subjects=node_fanout_subjects(region, node_id),
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last_seq + 1,
+            ack_policy=AckPolicy.ALL, max_ack_pending=20_000, ack_wait=30))
+        replicas = [s.removeprefix("fl.state.") for s in node_fanout_subjects(region, node_id)]
+        defs = await asyncio.to_thread(self.collections.definitions)
+        ops = await asyncio.to_thread(self.collections.replica_ops, replicas)
+        return Snapshot(defs=list(defs.values()), ops=[(c, op) for _, c, op in ops],
+                        resume_after_seq=last_seq)
+
+    async def run_snapshots(self) -> None:
+        async def respond(msg: Msg) -> None:
+            try:
+                snapshot = await self.snapshot_for(node_id_from_subject(msg.subject))
+            except FoglineError as exc:
+                log.warning("snapshot for %s refused: %s", msg.subject, exc)
+                return
+            await msg.respond(encode_sync(snapshot))
+
+        await self.nc.subscribe("fl.node.*.req.snapshot", queue=HUB_QUEUE_GROUP, cb=respond)
+        await asyncio.Event().wait()
+
+
