@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import signal
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +17,7 @@ from rich.table import Table
 from fogline import __version__
 from fogline.cliutil import HubClient, parse_duration_s, parse_labels
 from fogline.errors import ConfigError, FoglineError
+from fogline.runtime import run_service
 
 app = typer.Typer(help="fogline: edge computing for Python.", no_args_is_help=True,
                   add_completion=False)
@@ -46,31 +44,6 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-
-
-def run_service(main: Callable[[], Awaitable[None]]) -> None:
-    """Run `main` until it returns or SIGINT/SIGTERM cancels it (cleanly)."""
-
-    async def runner() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await main()
-
-    with asyncio.Runner(loop_factory=_fast_loop_factory()) as loop_runner:
-        loop_runner.run(runner())
-
-
-def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it is installed: measurably faster NATS and HTTP in every service."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def _fail(exc: FoglineError) -> typer.Exit:
@@ -188,19 +161,24 @@ def node(
     """Run an edge node: enroll on first start, then heartbeat and serve."""
     if ctx.invoked_subcommand is not None:
         return
-    from fogline.node.agent import NodeAgent, NodeConfig
+    from fogline.node.enroll_once import enroll_if_needed
 
     _setup_logging(verbose)
     try:
-        config = NodeConfig(
-            data_dir=data, hub_url=hub, token=token, name=name, region=region, zone=zone,
-            tier=tier, labels=parse_labels(labels), listen=listen,
-            heartbeat_interval_s=parse_duration_s(heartbeat_interval)
-            if heartbeat_interval else None,
-            nats_url=nats_url, ca_sha256=ca_hash)
-        run_service(NodeAgent(config).run)
+        config = {
+            "data_dir": str(data), "hub_url": hub, "token": token, "name": name,
+            "region": region, "zone": zone, "tier": tier, "labels": parse_labels(labels),
+            "listen": listen, "nats_url": nats_url, "ca_sha256": ca_hash,
+            "heartbeat_interval_s": parse_duration_s(heartbeat_interval)
+            if heartbeat_interval else None}
+        enroll_if_needed(config)
     except FoglineError as exc:
         raise _fail(exc) from exc
+    config["log_level"] = logging.DEBUG if verbose else logging.INFO
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Replace this process with the lean agent (see fogline/node/__main__.py).
+    os.execv(sys.executable, [sys.executable, "-m", "fogline.node", json.dumps(config)])
 
 
 @node_app.command("revoke")

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from fogline.errors import AuthError, ConfigError, NotFoundError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
@@ -68,6 +66,8 @@ class HubClient:
         return cls(hub.rstrip("/"), token, verify)
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        import httpx  # not at module level: `fogline node` never needs it
+
         try:
             response = httpx.request(method, f"{self.url}{path}", json=body,
                                      headers={"Authorization": f"Bearer {self.token}"},

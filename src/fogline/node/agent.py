@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import shutil
 import ssl
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 import psutil
 from nats.aio.client import Client as NatsClient
@@ -26,10 +27,11 @@ from nats.aio.msg import Msg
 
 from fogline import __version__
 from fogline.clock import Clock, SystemClock
-from fogline.errors import AuthError, FoglineError, ProtocolError, RetryableError
+from fogline.errors import AuthError, FoglineError, ProtocolError
 from fogline.node import identity as ident
-from fogline.node.capabilities import current_load, discover
+from fogline.node.capabilities import current_load
 from fogline.node.collections import NodeCollections
+from fogline.node.enroll_once import enroll_if_needed
 from fogline.node.http import NodeState, create_node_app, load_local_token
 from fogline.node.sqlite_writer import FsyncPolicy
 from fogline.node.sync import NodeSync
@@ -84,26 +86,11 @@ class NodeAgent:
     # Identity -----------------------------------------------------------------------
 
     async def _identity(self) -> ident.Identity:
-        if self.files.enrolled():
-            return self.files.load_identity()
-        cfg = self.config
-        if not cfg.hub_url or not cfg.token:
-            raise AuthError(f"{cfg.data_dir} holds no identity: pass --hub and --token")
-        options = ident.EnrollOptions(
-            hub_url=cfg.hub_url.rstrip("/"), token=cfg.token,
-            name=cfg.name or _default_name(), region=cfg.region, zone=cfg.zone,
-            tier=cfg.tier, labels=cfg.labels, ca_sha256=cfg.ca_sha256,
-            endpoint=self.state.endpoint)
-        capabilities = msgspec.to_builtins(discover())
-        delay_s = 1.0
-        while True:
-            try:
-                return await asyncio.to_thread(ident.enroll, self.files, options, capabilities,
-                                               self.clock.now())
-            except RetryableError as exc:
-                log.warning("enrollment: %s; retrying in %.0fs", exc, delay_s)
-                await self.clock.sleep(delay_s)
-                delay_s = min(delay_s * 2, 30.0)
+        """The stored identity; enroll first if there is none (`fogline node` usually
+        has done that before exec'ing the agent)."""
+        options = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "fsync"}
+        await asyncio.to_thread(enroll_if_needed, options)
+        return self.files.load_identity()
 
     def _interval_s(self, identity: ident.Identity) -> float:
         return self.config.heartbeat_interval_s or identity.heartbeat_interval_s
@@ -267,6 +254,10 @@ class NodeAgent:
     # Running ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # A small pool for blocking work (SQLite reads, renewals): every idle thread
+        # costs memory on a small device.
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="node-io"))
         host, _, port = self.config.listen.rpartition(":")
         local_token = load_local_token(self.config.data_dir)
         collections: list[NodeCollections] = []
@@ -295,7 +286,3 @@ class NodeAgent:
             finally:
                 self.collections.close()
 
-
-def _default_name() -> str:
-    import socket
-    return socket.gethostname().split(".")[0].lower()

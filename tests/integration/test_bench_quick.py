@@ -1,0 +1,53 @@
+"""The benchmarks run end to end and report the shared result shape.
+
+Speed goals live in the benchmarks' own `met`, never in tests (machines here are
+noisy), so these only check that a small run works and its numbers are plausible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fogline.bench import heartbeats, node_rss
+
+KEYS = {"name", "figure", "unit", "peer", "peer_figure", "ratio", "better", "goal", "met",
+        "conditions", "samples"}
+
+
+def assert_result_shape(result: dict[str, Any], name: str, better: str) -> None:
+    assert set(result) == KEYS
+    assert result["name"] == name
+    assert result["better"] == better
+    assert isinstance(result["met"], bool)
+    assert isinstance(result["conditions"], dict)
+    assert result["conditions"]["cores"] >= 1
+    assert result["samples"] > 0
+    assert result["ratio"] is not None and result["ratio"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_node_rss_quick_reports_a_plausible_rss() -> None:
+    result = node_rss.run(quick=True)
+    assert_result_shape(result, "node-rss", "lower")
+    assert 5 < result["figure"] < 500
+    conditions = result["conditions"]
+    assert conditions["still_ready_after_idle"] is True
+    assert 1 < conditions["floor_python_asyncio_rss_mb"] < result["figure"]
+
+
+@pytest.mark.timeout(120)
+def test_heartbeats_with_a_few_nodes_makes_them_ready_and_counts_heartbeats() -> None:
+    result = heartbeats.run(nodes=20, window_s=2.0)
+    assert_result_shape(result, "heartbeats", "higher")
+    conditions = result["conditions"]
+    assert conditions["nodes"] == 20
+    assert conditions["nodes_ready"] == 20 and conditions["all_ready"] is True
+    assert conditions["connections_closed_early"] == 0
+    # The hub's own counter advanced by every heartbeat sent in the capacity phase.
+    assert conditions["capacity_sent"] > 0
+    assert conditions["capacity_processed"] == conditions["capacity_sent"]
+    assert conditions["steady_heartbeats_per_s"] > 0
+    assert result["figure"] > 0
+    assert conditions["hub_rss_mb"] is not None and 5 < conditions["hub_rss_mb"] < 2000
