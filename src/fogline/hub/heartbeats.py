@@ -114,7 +114,8 @@ class HeartbeatProcessor:
         now_s = self.clock.now()
         changes: dict[str, NodeHealth] = {}
         transitions: list[Transition] = []
-        for node_id, before in self.store.live_health().items():
+        silent = self.store.silent_health(now_s, self.policy.missed_heartbeats_offline)
+        for node_id, before in silent.items():
             after = check_liveness(before, now_s, self.policy)
             if after != before:
                 changes[node_id] = after
@@ -126,8 +127,10 @@ class HeartbeatProcessor:
     def _record(self, transitions: list[Transition]) -> None:
         for t in transitions:
             self.metrics.transitions.labels(status=t.after.status).inc()
-            self.store.add_event(t.after.status_since_s, "hub", "node.status", t.node_id,
-                                 {"from": t.before.status, "to": t.after.status,
-                                  "reason": t.after.reason})
             log.info("node %s: %s -> %s %s", t.node_id, t.before.status, t.after.status,
                      t.after.reason)
+        self.store.add_events([
+            {"at_s": t.after.status_since_s, "actor": "hub", "kind": "node.status",
+             "subject": t.node_id, "detail": {"from": t.before.status, "to": t.after.status,
+                                              "reason": t.after.reason}}
+            for t in transitions])

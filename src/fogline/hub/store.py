@@ -225,10 +225,15 @@ class HubStore:
                     result[row["id"]] = health_of(row)
         return result
 
-    def live_health(self) -> dict[str, NodeHealth]:
-        """Health of every node that could go offline (not offline, not revoked)."""
+    def silent_health(self, now_s: float, missed_heartbeats: int) -> dict[str, NodeHealth]:
+        """Health of the live nodes that have been silent for `missed_heartbeats`
+        intervals: the only candidates for going offline, found by the database
+        rather than by loading every node."""
         columns = [nodes.c.id, *(nodes.c[name] for name in _HEALTH_COLUMNS)]
-        query = sa.select(*columns).where(nodes.c.status.not_in(["offline", "revoked"]))
+        reference = sa.func.coalesce(nodes.c.last_seen_s, nodes.c.status_since_s)
+        query = sa.select(*columns).where(
+            nodes.c.status.not_in(["offline", "revoked"]),
+            reference + missed_heartbeats * nodes.c.interval_s < now_s)
         with self.engine.connect() as conn:
             return {row["id"]: health_of(row) for row in conn.execute(query).mappings()}
 
@@ -295,9 +300,14 @@ class HubStore:
 
     def add_event(self, at_s: float, actor: str, kind: str, subject: str,
                   detail: dict[str, Any]) -> None:
+        self.add_events([{"at_s": at_s, "actor": actor, "kind": kind, "subject": subject,
+                          "detail": detail}])
+
+    def add_events(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
         with self._tx() as conn:
-            conn.execute(events.insert().values(at_s=at_s, actor=actor, kind=kind,
-                                                subject=subject, detail=detail))
+            conn.execute(events.insert(), rows)
 
     def list_events(self, limit: int = 200) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
