@@ -147,12 +147,15 @@ def test_api_requires_the_admin_token(hub: HubProcess) -> None:
     before = snapshot(hub)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": hub.token}):
         for method, path in (("GET", "/v1/nodes"), ("POST", "/v1/tokens"), ("GET", "/metrics"),
+                             ("GET", "/openapi.json"), ("GET", "/v1/collections"),
                              ("POST", "/v1/nodes/nd-0000000000/revoke")):
             response = httpx.request(method, f"{hub.url}{path}", headers=headers, json={},
                                      timeout=10)
             assert response.status_code == 401, (method, path, headers)
             assert response.json()["detail"] == "admin token required"
     assert httpx.get(f"{hub.url}/healthz").json()["status"] == "ok"
+    schema = hub.api("GET", "/openapi.json")
+    assert "/v1/enroll" in schema["paths"] and "/v1/nodes/{node_id}/revoke" in schema["paths"]
     assert snapshot(hub) == before
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Protocol
 
 import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field, field_validator
@@ -143,7 +144,9 @@ def _error_response(exc: FoglineError) -> JSONResponse:
 
 def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
                admin_token: str, registry: CollectorRegistry) -> FastAPI:
-    app = FastAPI(title="fogline hub", version=__version__)
+    # The schema and docs are served below behind the admin token like everything else.
+    app = FastAPI(title="fogline hub", version=__version__, openapi_url=None, docs_url=None,
+                  redoc_url=None)
 
     @app.exception_handler(FoglineError)
     async def _fogline_error(_request: Request, exc: FoglineError) -> JSONResponse:
@@ -165,6 +168,11 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
     @app.get("/metrics")
     def metrics(_: Admin) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_: Admin) -> JSONResponse:
+        return JSONResponse(get_openapi(title=app.title, version=app.version,
+                                        routes=app.routes))
 
     @app.get("/v1/ca")
     def ca() -> dict[str, str]:
