@@ -81,6 +81,7 @@ class HubProcess:
 def run_hub(data: Path, *extra: str, listen: str = "127.0.0.1:0") -> Iterator[HubProcess]:
     """A `fogline hub` process; every node started through it is stopped on exit."""
     data.mkdir(parents=True, exist_ok=True)
+    (data / "hub.url").unlink(missing_ok=True)  # a restart must not see the old one
     log = open(data.parent / f"{data.name}.log", "ab")  # noqa: SIM115 - lives with the process
     process = subprocess.Popen([*FOGLINE, "hub", "--data", str(data), "--listen", listen,
                                 *extra], stdout=log, stderr=subprocess.STDOUT,
@@ -104,3 +105,86 @@ def run_hub(data: Path, *extra: str, listen: str = "127.0.0.1:0") -> Iterator[Hu
         for node in hub.nodes:
             stop(node)
         stop(process)
+
+
+class ThreadedWan:
+    """A WanEmulator on its own event loop thread, so sync tests can steer it while
+    blocking calls in the test never stall the proxied traffic."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        from fogline.sim.wan import WanEmulator
+
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.emulator = WanEmulator()
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            async with self.emulator:
+                self._ready.set()
+                await self._stop.wait()
+
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(main(),),
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        import asyncio
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def add_link(self, name: str, upstream: tuple[str, int], latency_ms: float = 0.0) -> int:
+        from fogline.sim.wan import LinkConfig
+
+        link = self.call(lambda: self.emulator.add_link(name, upstream,
+                                                        LinkConfig(latency_ms=latency_ms)))
+        return int(link.port)
+
+    def partition(self, name: str) -> None:
+        self.call(lambda: self.emulator.link(name).partition("reset"))
+
+    def heal(self, name: str) -> None:
+        self.call(lambda: self.emulator.link(name).heal())
+
+    def close(self) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@dataclass
+class LocalNode:
+    """A node's local collection API, as apps on the node would use it."""
+
+    data: Path
+
+    def _client(self) -> httpx.Client:
+        endpoint = (self.data / "endpoint").read_text().strip()
+        token = (self.data / "local.token").read_text().strip()
+        return httpx.Client(base_url=endpoint, timeout=10,
+                            headers={"Authorization": f"Bearer {token}"})
+
+    def write(self, collection: str, **body: Any) -> dict[str, Any]:
+        with self._client() as client:
+            response = client.post(f"/local/collections/{collection}", json=body)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def value(self, collection: str) -> Any:
+        with self._client() as client:
+            response = client.get(f"/local/collections/{collection}")
+        if response.status_code != 200:
+            return None
+        return response.json()["value"]
+
+    def knows(self, collection: str) -> bool:
+        return self.value(collection) is not None

@@ -26,11 +26,13 @@ node_app = typer.Typer(help="Run an edge node, or manage enrolled nodes.")
 token_app = typer.Typer(help="Bootstrap tokens for enrolling nodes.", no_args_is_help=True)
 get_app = typer.Typer(help="Show fleet objects.", no_args_is_help=True)
 collection_app = typer.Typer(help="Replicated collections.", no_args_is_help=True)
+sim_app = typer.Typer(help="The deterministic simulator.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(node_app, name="node")
 app.add_typer(token_app, name="token")
 app.add_typer(get_app, name="get")
 app.add_typer(collection_app, name="collection")
+app.add_typer(sim_app, name="sim")
 
 console = Console()
 
@@ -409,6 +411,22 @@ def bench(
     typer.echo(text)
     if json_path is not None:
         json_path.write_text(text + "\n")
+
+
+@sim_app.command("check")
+def sim_check(
+    seeds: Annotated[int, typer.Option(help="How many seeds to run")] = 2000,
+    start: Annotated[int, typer.Option(help="First seed")] = 0,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Run the sans-IO core through seeded faults; print a replay line per failure."""
+    from fogline.sim.check import main as check_main
+
+    try:
+        code = check_main(seeds, start, verbose)
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    raise typer.Exit(code)
 
 
 @app.command("version")

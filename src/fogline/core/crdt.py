@@ -97,7 +97,9 @@ class CollectionState:
         """Merge one op; True if the state changed."""
         if isinstance(op, MapOp):
             merged = merge_map(self.entries.get(op.key), op)
-            self.conflicts += merged.conflict
+            # Count a conflict once: when the winner displaces the loser. A redelivered
+            # losing write changes nothing and must not count again.
+            self.conflicts += merged.changed and merged.conflict
             if merged.changed:
                 self.entries[op.key] = merged.winner
             return merged.changed

@@ -44,6 +44,12 @@ class HybridLogicalClock:
             self.last = Hlc(self.last.wall_ms, self.last.counter + 1, self.node)
         return self.last
 
+    def restore(self, last: Hlc) -> None:
+        """Resume after a restart from this node's own last timestamp (saved with its
+        writes), without the drift check `observe` applies to other nodes."""
+        if (last.wall_ms, last.counter) > (self.last.wall_ms, self.last.counter):
+            self.last = Hlc(last.wall_ms, last.counter, self.node)
+
     def observe(self, remote: Hlc) -> None:
         """Move past a timestamp received from another replica."""
         wall = self._wall_ms()

@@ -166,9 +166,8 @@ class CollectionStore:
             assert isinstance(op, MapOp)
             slot = (replica, collection, op.key)
             merged = merge_map(current.get(slot), op)
-            if merged.conflict:
-                loser = op if merged.winner is not op else current[slot]
-                outcome.conflicts.append((replica, collection, loser))
+            if merged.conflict and merged.changed:  # counted once, when displaced
+                outcome.conflicts.append((replica, collection, current[slot]))
             if merged.changed:
                 current[slot] = merged.winner
                 writes[slot] = merged.winner

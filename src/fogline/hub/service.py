@@ -15,7 +15,8 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,24 @@ class HubConfig:
     sweep_interval_s: float = 0.5
 
 
+async def supervise(name: str, loop: Callable[[], Awaitable[None]],
+                    restart_delay_max_s: float = 10.0) -> None:
+    """Keep a hub loop running: an unexpected error is logged and the loop restarted
+    with backoff, instead of taking the whole hub down."""
+    delay_s = 0.5
+    while True:
+        started = time.monotonic()
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("%s failed; restarting in %.1fs", name, delay_s)
+        if time.monotonic() - started > 60:
+            delay_s = 0.5
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, restart_delay_max_s)
+
+
 class Hub:
     def __init__(self, config: HubConfig, clock: Clock | None = None) -> None:
         self.config = config
@@ -151,7 +170,14 @@ class Hub:
             yield self.config.nats_url
             return
         reachable = "127.0.0.1" if is_wildcard(host) else host
-        port = free_port(reachable)
+        # Nodes were told this port at enrollment: keep it across hub restarts.
+        port_file = self.data_dir / "nats" / "port"
+        if port_file.exists():
+            port = int(port_file.read_text())
+        else:
+            port = free_port(reachable)
+            port_file.parent.mkdir(parents=True, exist_ok=True)
+            port_file.write_text(f"{port}\n")
         cert, key = self._tls_files(host)
         assert self.store is not None
         config_text = self.authority.server_config(
@@ -275,7 +301,8 @@ class Hub:
             log.info("hub API on %s, NATS at %s", self.api_url, self.nats_urls[0])
             self.ready.set()
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._intake_loop(processor))
-                group.create_task(self.sync.run_merge())
-                group.create_task(self.sync.run_snapshots())
+                group.create_task(supervise("heartbeat intake",
+                                            lambda: self._intake_loop(processor)))
+                group.create_task(supervise("collection merge", self.sync.run_merge))
+                group.create_task(supervise("snapshots", self.sync.run_snapshots))
 

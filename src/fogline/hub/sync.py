@@ -12,7 +12,6 @@ snapshot, so it resumes exactly where it stopped after any outage.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 
@@ -175,7 +174,7 @@ class HubSync:
         while True:
             try:
                 msgs = await subscription.fetch(FETCH_BATCH, timeout=1)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises both its own and asyncio's
                 continue
             if not msgs:
                 continue
@@ -187,23 +186,30 @@ class HubSync:
     # Snapshots ----------------------------------------------------------------------
 
     async def snapshot_for(self, node_id: str) -> Snapshot:
-        """(Re)start the node's fan-out consumer at the stream's tail and return the
-        hub's state of every replica the node holds; nothing between is missed because
-        ops are merged into SQL before they are fanned out."""
+        """The hub's state of every replica the node holds.
+
+        The node's fan-out consumer is created (at the stream's tail) before the state
+        is read, and never moved afterwards: ops are merged into SQL before they are
+        fanned out, so whatever the consumer has not delivered yet is either in this
+        snapshot or still ahead of it. A retried or stale request therefore cannot open
+        a gap; at worst the node merges some ops twice, which changes nothing.
+        """
         region = await asyncio.to_thread(self._region, node_id)
         info = await self.js.stream_info(FANOUT_STREAM)
-        last_seq = info.state.last_seq
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.js.delete_consumer(FANOUT_STREAM, node_id)
-        await self.js.add_consumer(FANOUT_STREAM, ConsumerConfig(
-            durable_name=node_id, filter_subjects=node_fanout_subjects(region, node_id),
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last_seq + 1,
-            ack_policy=AckPolicy.ALL, max_ack_pending=20_000, ack_wait=30))
+        try:
+            await self.js.consumer_info(FANOUT_STREAM, node_id)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(FANOUT_STREAM, ConsumerConfig(
+                durable_name=node_id,
+                filter_subjects=node_fanout_subjects(region, node_id),
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=info.state.last_seq + 1, ack_policy=AckPolicy.ALL,
+                max_ack_pending=20_000, ack_wait=30))
         replicas = [s.removeprefix("fl.state.") for s in node_fanout_subjects(region, node_id)]
         defs = await asyncio.to_thread(self.collections.definitions)
         ops = await asyncio.to_thread(self.collections.replica_ops, replicas)
         return Snapshot(defs=list(defs.values()), ops=[(c, op) for _, c, op in ops],
-                        resume_after_seq=last_seq)
+                        resume_after_seq=info.state.last_seq)
 
     async def run_snapshots(self) -> None:
         async def respond(msg: Msg) -> None:

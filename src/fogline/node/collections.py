@@ -137,7 +137,7 @@ class NodeCollections:
         last = self.writer.read(lambda c: c.execute(
             "SELECT v FROM meta WHERE k='hlc'").fetchone())
         if last:
-            self.hlc.last = _hlc_decoder.decode(last[0])
+            self.hlc.restore(_hlc_decoder.decode(last[0]))
         self._watchers: set[asyncio.Queue[Change]] = set()
         self._loop = loop
 
@@ -194,7 +194,7 @@ class NodeCollections:
                 elif isinstance(op, SetAddOp):
                     self.hlc.observe(op.tag)
                 changed, conflict = _merge(conn, name, op)
-                self.conflicts += conflict
+                self.conflicts += changed and conflict
                 if changed:
                     changes.append(Change(name, op, False))
             return changes

@@ -131,7 +131,7 @@ class NodeSync:
         while not self.nc.is_closed:
             try:
                 msgs = await subscription.fetch(FETCH_MAX, timeout=1)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises both its own and asyncio's
                 continue
             if not msgs:  # a fetch that expired server-side returns nothing
                 continue
