@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fleet import HubProcess, LocalNode, ThreadedWan, run_hub, stop, wait_for
@@ -99,6 +100,14 @@ def test_partitioned_node_keeps_writing_and_converges_after_heal(
         assert hub_view(hub, "hits") == expected["hits"]
         shared = nodes["a"].value("shared")
         assert set(shared) == {f"k{j}" for j in range(7)}
+        # Both sides wrote the same keys without seeing each other: the writes that lost
+        # are counted and listed in the change feed.
+        lost = [e for e in hub.api("GET", "/v1/events", params={"limit": 5000})
+                if e["kind"] == "collection.conflict" and e["subject"] == "shared"]
+        assert lost and {e["detail"]["key"] for e in lost} <= set(shared)
+        metrics = httpx.get(f"{hub.url}/metrics", timeout=10,
+                            headers={"Authorization": f"Bearer {hub.token}"}).text
+        assert 'fogline_hub_collection_conflicts_total{collection="shared"}' in metrics
 
 
 def test_nodes_keep_accepting_writes_while_the_hub_is_down(tmp_path: Path,

@@ -30,7 +30,7 @@ from nats.js.api import (
 from prometheus_client import CollectorRegistry, Counter
 
 from fogline.clock import Clock
-from fogline.core.crdt import Op
+from fogline.core.crdt import MapOp, Op
 from fogline.core.sync import (
     CollectionDef,
     FanoutBatch,
@@ -55,6 +55,7 @@ MERGE_CONSUMER = "fl-merge"
 RETENTION_S = 7 * 86400
 FETCH_BATCH = 64
 FANOUT_OPS_MAX = 2000
+CONFLICT_EVENTS_MAX = 100
 
 
 async def ensure_sync_streams(js: JetStreamContext) -> None:
@@ -152,6 +153,7 @@ class HubSync:
         self.metrics.ops_changed.inc(len(outcome.changed))
         for _, collection, _ in outcome.conflicts:
             self.metrics.conflicts.labels(collection=collection).inc()
+        self._feed_conflicts(outcome.conflicts)
         fanout: dict[str, list[tuple[str, Op]]] = defaultdict(list)
         seen: set[int] = set()
         for replica, collection, op in [*outcome.changed, *replay]:
@@ -159,6 +161,17 @@ class HubSync:
                 seen.add(id(op))
                 fanout[replica].append((collection, op))
         return fanout
+
+    def _feed_conflicts(self, conflicts: list[tuple[str, str, MapOp]]) -> None:
+        """The change feed of lost writes (`fogline get events`), capped per batch so a
+        hot key cannot flood the audit log; the metric counts every one."""
+        now_s = self.clock.now()
+        self.registry_store.add_events([
+            {"at_s": now_s, "actor": "hub", "kind": "collection.conflict",
+             "subject": collection,
+             "detail": {"replica": replica, "key": lost.key, "lost_writer": lost.ts.node,
+                        "lost_at_ms": lost.ts.wall_ms}}
+            for replica, collection, lost in conflicts[:CONFLICT_EVENTS_MAX]])
 
     async def _publish_fanout(self, fanout: dict[str, list[tuple[str, Op]]]) -> None:
         for replica, ops in fanout.items():
