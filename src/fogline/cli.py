@@ -69,6 +69,8 @@ def hub(
     cert_ttl: Annotated[str, typer.Option(help="Node certificate lifetime")] = "24h",
     sweep_interval: Annotated[str, typer.Option(
         help="How often to look for silent nodes")] = "0.5s",
+    tombstone_gc_interval: Annotated[str, typer.Option(
+        help="How often to collect tombstones every replica has seen")] = "60s",
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run the hub (embedded SQLite and nats-server unless --db/--nats are given)."""
@@ -82,7 +84,8 @@ def hub(
                            nats_advertise=nats_advertise,
                            heartbeat_interval_s=parse_duration_s(heartbeat_interval),
                            cert_lifetime_s=parse_duration_s(cert_ttl),
-                           sweep_interval_s=parse_duration_s(sweep_interval))
+                           sweep_interval_s=parse_duration_s(sweep_interval),
+                           tombstone_gc_interval_s=parse_duration_s(tombstone_gc_interval))
         run_service(Hub(config).run)
     except FoglineError as exc:
         raise _fail(exc) from exc

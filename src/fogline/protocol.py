@@ -89,6 +89,9 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
     endpoint: str = ""
     # Round trip to the hub's NATS server measured by the node (PING/PONG), 0 if unknown.
     hub_rtt_ms: float = 0.0
+    # The node's HLC (ms) at a moment it had no collection op left to upload; 0 if never.
+    # The hub's tombstone collection waits for it (see fogline.core.tombstones).
+    sync_clean_hlc_ms: int = 0
     v: int = PROTOCOL_VERSION
 
 

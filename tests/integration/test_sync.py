@@ -52,8 +52,11 @@ def start_fleet(hub: HubProcess, tmp_path: Path, wan: ThreadedWan,
 
 
 def hub_view(hub: HubProcess, name: str) -> Any:
-    replicas = hub.api("GET", f"/v1/collections/{name}")["replicas"]
-    return replicas.get("region.eu-west", replicas.get("global"))
+    """The hub's replica for the test region, or the type's empty value if it holds
+    nothing (a replica without rows has no entry)."""
+    view = hub.api("GET", f"/v1/collections/{name}")
+    empty = {"map": {}, "counter": 0, "set": []}[view["type"]]
+    return view["replicas"].get("region.eu-west", view["replicas"].get("global", empty))
 
 
 def converged(hub: HubProcess, nodes: dict[str, LocalNode]) -> bool:
@@ -146,3 +149,42 @@ def _free_port() -> int:
     from fogline.transport.nats_server import free_port
 
     return free_port()
+
+
+def node_tombstones(node: LocalNode) -> int:
+    import sqlite3
+
+    with sqlite3.connect(node.data / "state.db") as conn:
+        return int(conn.execute("SELECT (SELECT count(*) FROM map WHERE deleted=1) + "
+                                "(SELECT count(*) FROM set_removed)").fetchone()[0])
+
+
+def test_tombstones_are_kept_while_a_node_could_resurrect_and_collected_after(
+        tmp_path: Path, wan: ThreadedWan) -> None:
+    with run_hub(tmp_path / "hub", "--heartbeat-interval", "0.5s",
+                 "--tombstone-gc-interval", "0.5s") as hub:
+        nodes = start_fleet(hub, tmp_path, wan, ["a", "b"])
+        a, b = nodes["a"], nodes["b"]
+        a.write("shared", op="put", key="k", value="first")
+        wait_for(lambda: b.value("shared") == {"k": "first"}, 10, "b to see k")
+        wan.partition("b/nats")
+        time.sleep(0.5)
+        b.write("shared", op="put", key="k", value="stale")  # older than a's delete
+        time.sleep(0.05)
+        a.write("shared", op="delete", key="k")
+        a.write("tags", op="add", value="x")
+        a.write("tags", op="remove", value="x")
+        # b cannot report a clean upload: its stale write could still come, so the
+        # tombstone must stay, however many collection passes run.
+        time.sleep(3)
+        view = hub.api("GET", "/v1/collections/shared")
+        assert view["tombstones"]["region.eu-west"] == 1
+        wan.heal("b/nats")
+        wait_for(lambda: converged(hub, nodes), 15, "convergence after heal")
+        assert a.value("shared") == {} and b.value("shared") == {}  # the delete won
+        wait_for(lambda: not any(hub.api("GET", "/v1/collections/shared")["tombstones"]
+                                 .values()), 15, "hub to collect the tombstone")
+        wait_for(lambda: node_tombstones(a) == 0 and node_tombstones(b) == 0, 15,
+                 "nodes to collect their tombstones")
+        assert a.value("shared") == {} and b.value("shared") == {}
+        assert hub_view(hub, "shared") == {}

@@ -124,3 +124,12 @@ def test_status_invariants_hold_for_any_sequence(sequence: list) -> None:
                 assert not failing
         if h.status == "offline" and before.status != "offline":
             assert before.last_seen_s is None or t - before.last_seen_s > 3 * INTERVAL_S
+
+
+def test_tombstone_horizon_waits_for_every_node_and_an_empty_backlog() -> None:
+    from fogline.core.tombstones import gc_horizon_ms
+
+    assert gc_horizon_ms([5_000, 7_000], merge_backlog=0) == 5_000
+    assert gc_horizon_ms([5_000, 0], merge_backlog=0) is None  # one never reported
+    assert gc_horizon_ms([5_000, 7_000], merge_backlog=3) is None
+    assert gc_horizon_ms([], merge_backlog=0) is None

@@ -38,10 +38,12 @@ class StateBatch(msgspec.Struct, frozen=True, tag="sb"):
 
 
 class FanoutBatch(msgspec.Struct, frozen=True, tag="fb"):
-    """Definitions and merged ops the hub sends to every replica of a scope."""
+    """Definitions and merged ops the hub sends to every replica of a scope, and the
+    horizon below which that replica's tombstones may be dropped (0: none)."""
 
     defs: list[CollectionDef] = []
     ops: list[tuple[str, Op]] = []
+    gc_before_ms: int = 0
     v: int = SYNC_VERSION
 
 
@@ -94,6 +96,11 @@ def replica_key(scope: Scope, region: str, node_id: str) -> str:
     if scope == "region":
         return f"region.{region or 'none'}"
     return f"node.{node_id}"
+
+
+def replica_scope(key: str) -> Scope:
+    """The scope of the collections a replica key holds."""
+    return key.split(".", 1)[0]  # type: ignore[return-value]
 
 
 def fanout_subject(key: str) -> str:

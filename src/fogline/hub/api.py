@@ -248,7 +248,8 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
         replicas = [replica] if replica else hub.collections.replicas_of(name)
         return {"name": name, "type": definition.type, "scope": definition.scope,
                 "replicas": {r: collection_view(hub.collections.state(name, r))
-                             for r in replicas}}
+                             for r in replicas},
+                "tombstones": {r: hub.collections.tombstone_count(r) for r in replicas}}
 
     @app.get("/v1/events")
     def list_events(_: Admin, limit: int = 200) -> list[dict[str, Any]]:

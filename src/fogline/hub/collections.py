@@ -46,6 +46,7 @@ map_rows = sa.Table(
     sa.Column("key", sa.String(512), primary_key=True),
     sa.Column("op", sa.LargeBinary, nullable=False),
     sa.Column("deleted", sa.Boolean, nullable=False),
+    sa.Column("ts_wall_ms", sa.BigInteger, nullable=False),
 )
 counter_rows = sa.Table(
     "fl_coll_counter", metadata,
@@ -68,6 +69,7 @@ set_removed = sa.Table(
     sa.Column("collection", sa.String(64), primary_key=True),
     sa.Column("tag", sa.LargeBinary, primary_key=True),
     sa.Column("elem", sa.LargeBinary, nullable=False),
+    sa.Column("ts_wall_ms", sa.BigInteger, nullable=False),
 )
 
 _tag_encoder = msgspec.msgpack.Encoder()
@@ -174,8 +176,9 @@ class CollectionStore:
                 outcome.changed.append((replica, collection, op))
         _upsert(conn, map_rows, [
             {"replica": r, "collection": c, "key": k, "op": _tag_encoder.encode(op),
-             "deleted": op.value is None} for (r, c, k), op in writes.items()],
-            ["op", "deleted"])
+             "deleted": op.value is None, "ts_wall_ms": op.ts.wall_ms}
+            for (r, c, k), op in writes.items()],
+            ["op", "deleted", "ts_wall_ms"])
 
     def _merge_counters(self, conn: Connection, items: list[Located],
                         outcome: MergeOutcome) -> None:
@@ -243,18 +246,47 @@ class CollectionStore:
         rows_out = []
         for replica, collection, op in items:
             assert isinstance(op, SetRemoveOp)
-            fresh = [_tag(t) for t in op.tags if (replica, collection, _tag(t)) not in removed]
+            fresh = [(_tag(t), t.wall_ms) for t in op.tags
+                     if (replica, collection, _tag(t)) not in removed]
             if not fresh:
                 continue
-            for tag in fresh:
+            for tag, wall_ms in fresh:
                 removed.add((replica, collection, tag))
                 rows_out.append({"replica": replica, "collection": collection, "tag": tag,
-                                 "elem": op.elem})
+                                 "elem": op.elem, "ts_wall_ms": wall_ms})
             conn.execute(set_adds.delete().where(
                 set_adds.c.replica == replica, set_adds.c.collection == collection,
-                set_adds.c.tag.in_(fresh)))
+                set_adds.c.tag.in_([tag for tag, _ in fresh])))
             outcome.changed.append((replica, collection, op))
         _upsert(conn, set_removed, rows_out, [])
+
+    # Tombstones ---------------------------------------------------------------------
+
+    def replicas_with_tombstones(self) -> list[str]:
+        with self.engine.connect() as conn:
+            found = set(conn.execute(sa.select(map_rows.c.replica).distinct()
+                                     .where(map_rows.c.deleted.is_(True))).scalars())
+            found |= set(conn.execute(sa.select(set_removed.c.replica).distinct()).scalars())
+        return sorted(found)
+
+    def collect_tombstones(self, replica: str, before_ms: int) -> int:
+        """Drop the replica's tombstones older than the horizon (core/tombstones.py)."""
+        with self.engine.begin() as conn:
+            dropped = conn.execute(map_rows.delete().where(
+                map_rows.c.replica == replica, map_rows.c.deleted.is_(True),
+                map_rows.c.ts_wall_ms < before_ms)).rowcount
+            dropped += conn.execute(set_removed.delete().where(
+                set_removed.c.replica == replica,
+                set_removed.c.ts_wall_ms < before_ms)).rowcount
+        return int(dropped)
+
+    def tombstone_count(self, replica: str) -> int:
+        with self.engine.connect() as conn:
+            maps = conn.execute(sa.select(sa.func.count()).select_from(map_rows).where(
+                map_rows.c.replica == replica, map_rows.c.deleted.is_(True))).scalar_one()
+            tags = conn.execute(sa.select(sa.func.count()).select_from(set_removed).where(
+                set_removed.c.replica == replica)).scalar_one()
+        return int(maps) + int(tags)
 
     # Reading ------------------------------------------------------------------------
 

@@ -101,6 +101,7 @@ class HeartbeatProcessor:
                 updates.append(HeartbeatUpdate(
                     node_id=node_id, health=after, seq=hb.seq, version=hb.version,
                     endpoint=hb.endpoint, failing_checks=hb.failing_checks,
+                    sync_clean_ms=hb.sync_clean_hlc_ms,
                     load={"cpu_percent": hb.load.cpu_percent,
                           "memory_percent": hb.load.memory_percent,
                           "load1": hb.load.load1, "rss_bytes": hb.load.rss_bytes,

@@ -52,7 +52,7 @@ from fogline.core.outbox import (
 )
 from fogline.errors import ConfigError, ProtocolError
 from fogline.hub.store import metadata
-from fogline.protocol import MAX_MESSAGE_BYTES
+from fogline.protocol import MAX_MESSAGE_BYTES, valid_node_id
 
 log = logging.getLogger("fogline.hub.ingest")
 
@@ -110,6 +110,14 @@ async def ensure_streams(js: JetStreamContext, *, max_bytes: int = STREAM_MAX_BY
         except BadRequestError as exc:
             raise ConfigError(f"stream {FL_UP} exists with a conflicting configuration: "
                               f"{exc}") from exc
+
+
+def raise_if_cancelling() -> None:
+    """On Python 3.11 `asyncio.wait_for` (inside nats-py's fetch) can turn a cancel
+    that races its timeout into TimeoutError; the fetch loop must not swallow it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 @dataclass(frozen=True)
@@ -179,14 +187,21 @@ class IngestWorker:
                     messages = await subscription.fetch(self.fetch_batch,
                                                         timeout=self.fetch_timeout_s)
                 except TimeoutError:
+                    raise_if_cancelling()
                     continue
                 except nats.errors.Error as exc:
+                    raise_if_cancelling()
                     log.warning("ingest fetch failed (%s); retrying", exc)
                     await self.clock.sleep(delay_s)
                     delay_s = min(delay_s * 2, 5.0)
                     continue
                 delay_s = 0.1
-                await self.handle(messages)
+                try:
+                    await self.handle(messages)
+                except Exception:  # unacked messages come back after ack_wait
+                    raise_if_cancelling()
+                    log.exception("ingest of %d messages failed", len(messages))
+                    await self.clock.sleep(1.0)
         finally:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -201,6 +216,7 @@ class IngestWorker:
                 return await self.js.pull_subscribe(UP_WILDCARD, durable=INGEST_CONSUMER,
                                                      stream=FL_UP, config=config)
             except (TimeoutError, nats.errors.Error) as exc:
+                raise_if_cancelling()
                 log.warning("ingest consumer unavailable (%s); retrying", exc)
                 await self.clock.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
@@ -226,6 +242,8 @@ class IngestWorker:
         for index, message in enumerate(messages):
             try:
                 node_id, stream = parse_up_subject(message.subject)
+                if not valid_node_id(node_id):
+                    raise ProtocolError(f"invalid node id {node_id!r}")
                 batch = decode_batch(message.data)
                 if batch.stream != stream:
                     raise ProtocolError(f"batch of stream {batch.stream!r} on {stream!r}")

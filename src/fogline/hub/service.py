@@ -99,6 +99,7 @@ class HubConfig:
     # How often silent nodes are looked for; bounds offline-detection latency beyond
     # the missed-heartbeat rule.
     sweep_interval_s: float = 0.5
+    tombstone_gc_interval_s: float = 60.0
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]],
@@ -305,4 +306,7 @@ class Hub:
                                             lambda: self._intake_loop(processor)))
                 group.create_task(supervise("collection merge", self.sync.run_merge))
                 group.create_task(supervise("snapshots", self.sync.run_snapshots))
+                group.create_task(supervise(
+                    "tombstone collection",
+                    lambda: self.sync.run_gc(self.config.tombstone_gc_interval_s)))
 

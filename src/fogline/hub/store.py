@@ -43,6 +43,7 @@ nodes = sa.Table(
     sa.Column("load", sa.JSON, nullable=False),
     sa.Column("failing_checks", sa.JSON, nullable=False),
     sa.Column("heartbeat_seq", sa.BigInteger, nullable=False, default=0),
+    sa.Column("sync_clean_ms", sa.BigInteger, nullable=False, default=0),
     sa.Column("enrolled_at_s", sa.Float, nullable=False),
     sa.Column("token_id", sa.String(32), nullable=False),
     sa.Column("key_fingerprint", sa.String(64), nullable=False),
@@ -112,6 +113,7 @@ class HeartbeatUpdate:
     endpoint: str
     load: dict[str, float]
     failing_checks: tuple[str, ...]
+    sync_clean_ms: int = 0
 
 
 def _engine(url: str) -> Engine:
@@ -208,6 +210,13 @@ class HubStore:
             rows = conn.execute(nodes.select().order_by(nodes.c.region, nodes.c.name))
             return [dict(row) for row in rows.mappings()]
 
+    def sync_marks(self) -> list[tuple[str, str, int]]:
+        """(node id, region, clean-upload mark) of every node that is not revoked."""
+        query = sa.select(nodes.c.id, nodes.c.region, nodes.c.sync_clean_ms).where(
+            nodes.c.status != "revoked")
+        with self.engine.connect() as conn:
+            return [(r.id, r.region, int(r.sync_clean_ms)) for r in conn.execute(query)]
+
     def count_by_status(self) -> dict[str, int]:
         query = sa.select(nodes.c.status, sa.func.count()).group_by(nodes.c.status)
         with self.engine.connect() as conn:
@@ -248,11 +257,12 @@ class HubStore:
                      "version": sa.bindparam("b_version"),
                      "endpoint": sa.bindparam("b_endpoint"),
                      "load": sa.bindparam("b_load"),
+                     "sync_clean_ms": sa.bindparam("b_sync_clean_ms"),
                      "failing_checks": sa.bindparam("b_failing_checks")}))
         params = [{
             "b_id": u.node_id, "b_seq": u.seq, "b_version": u.version,
             "b_endpoint": u.endpoint, "b_load": u.load,
-            "b_failing_checks": list(u.failing_checks),
+            "b_failing_checks": list(u.failing_checks), "b_sync_clean_ms": u.sync_clean_ms,
             **{f"b_{k}": v for k, v in health_values(u.health).items()},
         } for u in updates]
         with self._tx() as conn:

@@ -42,6 +42,7 @@ from fogline.core.sync import (
     node_fanout_subjects,
     replica_key,
 )
+from fogline.core.tombstones import gc_horizon_ms
 from fogline.errors import FoglineError, ProtocolError
 from fogline.hub.collections import CollectionStore, Located
 from fogline.hub.store import HubStore
@@ -78,6 +79,9 @@ class SyncMetrics:
         self.conflicts = Counter("fogline_hub_collection_conflicts_total",
                                  "Concurrent map writes that lost", ["collection"],
                                  registry=registry)
+        self.tombstones_collected = Counter(
+            "fogline_hub_collection_tombstones_collected_total",
+            "Tombstones dropped once every replica in scope has seen them", registry=registry)
         self.rejected = Counter("fogline_hub_collection_ops_rejected_total",
                                 "Ops refused (unknown collection, bad batch)", ["reason"],
                                 registry=registry)
@@ -195,6 +199,40 @@ class HubSync:
             await self._publish_fanout(fanout)
             for msg in msgs:
                 await msg.ack()
+
+    # Tombstones ---------------------------------------------------------------------
+
+    def _nodes_in_scope(self, replica: str, marks: list[tuple[str, str, int]]) -> list[int]:
+        scope, _, name = replica.partition(".")
+        if scope == "global":
+            return [mark for _, _, mark in marks]
+        if scope == "region":
+            return [mark for _, region, mark in marks if (region or "none") == name]
+        return [mark for node_id, _, mark in marks if node_id == name]
+
+    async def collect_tombstones(self) -> dict[str, int]:
+        """One pass of the tombstone rule over every replica; returns the horizons."""
+        info = await self.js.consumer_info(STATE_STREAM, MERGE_CONSUMER)
+        backlog = info.num_pending + info.num_ack_pending
+        marks = await asyncio.to_thread(self.registry_store.sync_marks)
+        replicas = await asyncio.to_thread(self.collections.replicas_with_tombstones)
+        horizons: dict[str, int] = {}
+        for replica in replicas:
+            horizon = gc_horizon_ms(self._nodes_in_scope(replica, marks), backlog)
+            if horizon is None:
+                continue
+            dropped = await asyncio.to_thread(self.collections.collect_tombstones, replica,
+                                              horizon)
+            self.metrics.tombstones_collected.inc(dropped)
+            await self.js.publish(fanout_subject(replica),
+                                  encode_sync(FanoutBatch(gc_before_ms=horizon)))
+            horizons[replica] = horizon
+        return horizons
+
+    async def run_gc(self, interval_s: float) -> None:
+        while True:
+            await self.clock.sleep(interval_s)
+            await self.collect_tombstones()
 
     # Snapshots ----------------------------------------------------------------------
 

@@ -82,6 +82,7 @@ class NodeAgent:
         self._seq = 0
         self._nc: NatsClient | None = None
         self._reconnected = asyncio.Event()
+        self._clean_mark_ms = 0
 
     # Identity -----------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class NodeAgent:
             interval_s=self._interval_s(identity), version=__version__,
             load=current_load(self._process), failing_checks=self.failing_checks(),
             uptime_s=self.clock.now() - self.state.started_at_s, endpoint=self.state.endpoint,
-            hub_rtt_ms=self.state.hub_rtt_ms)
+            hub_rtt_ms=self.state.hub_rtt_ms, sync_clean_hlc_ms=self._clean_mark_ms)
 
     async def _link_session(self, identity: ident.Identity) -> ident.Identity:
         """One NATS connection: heartbeat until it closes or credentials were renewed.
@@ -214,6 +215,9 @@ class NodeAgent:
             self.state.hub_rtt_ms = (self.clock.monotonic() - started_s) * 1000
         except (nats.errors.Error, TimeoutError):
             return
+        mark = await self.collections.clean_mark_ms()
+        if mark is not None:
+            self._clean_mark_ms = mark
         hb = self.heartbeat(identity)
         await nc.publish(heartbeat_subject(identity.node_id), encode(hb))
         self.state.heartbeats_sent += 1

@@ -39,14 +39,14 @@ WATCH_QUEUE_MAX = 10_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS defs (name TEXT PRIMARY KEY, type TEXT NOT NULL, scope TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS map (collection TEXT, key TEXT, op BLOB NOT NULL,
-    deleted INTEGER NOT NULL, PRIMARY KEY (collection, key));
+    deleted INTEGER NOT NULL, ts_wall_ms INTEGER NOT NULL, PRIMARY KEY (collection, key));
 CREATE TABLE IF NOT EXISTS counter (collection TEXT, node TEXT, p INTEGER NOT NULL,
     n INTEGER NOT NULL, PRIMARY KEY (collection, node));
 CREATE TABLE IF NOT EXISTS set_add (collection TEXT, tag BLOB, elem BLOB NOT NULL,
     PRIMARY KEY (collection, tag));
 CREATE INDEX IF NOT EXISTS set_add_elem ON set_add (collection, elem);
 CREATE TABLE IF NOT EXISTS set_removed (collection TEXT, tag BLOB, elem BLOB NOT NULL,
-    PRIMARY KEY (collection, tag));
+    ts_wall_ms INTEGER NOT NULL, PRIMARY KEY (collection, tag));
 CREATE TABLE IF NOT EXISTS pending (seq INTEGER PRIMARY KEY AUTOINCREMENT,
     collection TEXT NOT NULL, op BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -90,8 +90,9 @@ def _merge(conn: sqlite3.Connection, collection: str, op: Op) -> tuple[bool, boo
                            (collection, op.key)).fetchone()
         merged = merge_map(_map_decoder.decode(row[0]) if row else None, op)
         if merged.changed:
-            conn.execute("INSERT OR REPLACE INTO map VALUES (?,?,?,?)",
-                         (collection, op.key, _encoder.encode(op), op.value is None))
+            conn.execute("INSERT OR REPLACE INTO map VALUES (?,?,?,?,?)",
+                         (collection, op.key, _encoder.encode(op), op.value is None,
+                          op.ts.wall_ms))
         return merged.changed, merged.conflict
     if isinstance(op, CounterOp):
         row = conn.execute("SELECT p, n FROM counter WHERE collection=? AND node=?",
@@ -113,8 +114,8 @@ def _merge(conn: sqlite3.Connection, collection: str, op: Op) -> tuple[bool, boo
     changed = False
     for hlc in op.tags:
         tag = _encoder.encode(hlc)
-        fresh = conn.execute("INSERT OR IGNORE INTO set_removed VALUES (?,?,?)",
-                             (collection, tag, op.elem)).rowcount == 1
+        fresh = conn.execute("INSERT OR IGNORE INTO set_removed VALUES (?,?,?,?)",
+                             (collection, tag, op.elem, hlc.wall_ms)).rowcount == 1
         removed = conn.execute("DELETE FROM set_add WHERE collection=? AND tag=?",
                                (collection, tag)).rowcount == 1
         changed = changed or fresh or removed
@@ -214,6 +215,44 @@ class NodeCollections:
     async def acknowledge(self, seq_last: int) -> None:
         await self.writer.submit(lambda c: c.execute("DELETE FROM pending WHERE seq<=?",
                                                      (seq_last,)))
+
+    async def clean_mark_ms(self) -> int | None:
+        """The HLC (ms) if nothing is left to upload, else None; read on the writer
+        thread, so no op can be half-made between the two reads."""
+        def read(conn: sqlite3.Connection) -> int | None:
+            pending = conn.execute("SELECT count(*) FROM pending").fetchone()[0]
+            if pending:
+                return None
+            # Tick, so every later op is strictly newer than the mark even if the wall
+            # clock steps back; saved like any write's timestamp.
+            mark = self.hlc.now()
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)",
+                         (_encoder.encode(mark),))
+            return mark.wall_ms
+
+        return await self.writer.submit(read)
+
+    async def collect_tombstones(self, scope: str, before_ms: int) -> int:
+        """Drop tombstones older than the hub's horizon in every collection of `scope`."""
+        def run(conn: sqlite3.Connection) -> int:
+            names = [r[0] for r in conn.execute("SELECT name FROM defs WHERE scope=?",
+                                                (scope,))]
+            dropped = 0
+            for name in names:
+                dropped += conn.execute(
+                    "DELETE FROM map WHERE collection=? AND deleted=1 AND ts_wall_ms<?",
+                    (name, before_ms)).rowcount
+                dropped += conn.execute(
+                    "DELETE FROM set_removed WHERE collection=? AND ts_wall_ms<?",
+                    (name, before_ms)).rowcount
+            return dropped
+
+        return await self.writer.submit(run)
+
+    def tombstone_count(self) -> int:
+        return int(self.writer.read(lambda c: c.execute(
+            "SELECT (SELECT count(*) FROM map WHERE deleted=1) + "
+            "(SELECT count(*) FROM set_removed)").fetchone()[0]))
 
     def pending_count(self) -> int:
         return int(self.writer.read(lambda c: c.execute(

@@ -167,12 +167,14 @@ class Outbox:
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         self._records_waiter = (loop, event)
+        # A timer rather than asyncio.wait_for: on 3.11 a cancel racing the timeout can
+        # come out as TimeoutError, which would swallow the cancellation.
+        timer = loop.call_later(timeout_s, event.set)
         try:
             if self._commits == after:
-                await asyncio.wait_for(event.wait(), timeout_s)
-        except TimeoutError:
-            pass
+                await event.wait()
         finally:
+            timer.cancel()
             self._records_waiter = None
 
     async def read_batch(self, stream: str, bytes_max: int) -> OutboxBatch | None:
@@ -258,7 +260,8 @@ class Outbox:
             self._store.close()
 
     def _next_wait_s(self) -> float | None:
-        deadlines = [e.deadline_s for s in self._streams.values() for e in s.blocked]
+        deadlines: list[float] = [e.deadline_s for s in self._streams.values()
+                                  for e in s.blocked]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock.monotonic())

@@ -12,6 +12,7 @@ records, and giving up would only mean reading the same batch again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -41,6 +42,14 @@ PUBLISH_TIMEOUT_S = 5.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 IDLE_WAIT_S = 1.0
+
+
+def raise_if_cancelling() -> None:
+    """On Python 3.11 `asyncio.wait_for` (used inside nats-py) can turn a cancellation
+    that races its timeout into TimeoutError; a retry loop must not swallow it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class OutboxSender:
@@ -79,8 +88,16 @@ class OutboxSender:
 
     async def run(self) -> None:
         """Send until cancelled; an in-flight batch is handed back to the outbox."""
+        delay_s = BACKOFF_MIN_S
         while True:
-            await self.send_round()
+            try:
+                await self.send_round()
+                delay_s = BACKOFF_MIN_S
+            except Exception:  # a failed local ack or a bug: log, back off, carry on
+                raise_if_cancelling()
+                log.exception("outbox sender round failed; retrying in %.2fs", delay_s)
+                await self.clock.sleep(delay_s)
+                delay_s = min(delay_s * 2, self.backoff_max_s)
 
     async def send_round(self) -> int:
         """Plan once and send what the plan allows; waits when there is nothing to send.
@@ -139,6 +156,7 @@ class OutboxSender:
                 await self.js.publish(subject, payload, timeout=self.publish_timeout_s,
                                       headers=headers)
             except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise_if_cancelling()
                 failures += 1
                 self.publish_failures += 1
                 if self._failed is not None:

@@ -26,6 +26,7 @@ from fogline.core.sync import (
     StateBatch,
     decode_sync,
     encode_sync,
+    replica_scope,
     snapshot_subject,
     state_subject,
 )
@@ -137,6 +138,7 @@ class NodeSync:
                 continue
             ops = []
             defs = []
+            horizons: list[tuple[str, int]] = []
             for msg in msgs:
                 try:
                     batch = decode_sync(msg.data)
@@ -146,6 +148,11 @@ class NodeSync:
                 if isinstance(batch, FanoutBatch):
                     ops.extend(batch.ops)
                     defs.extend(batch.defs)
+                    if batch.gc_before_ms:
+                        horizons.append((replica_scope(msg.subject.removeprefix(
+                            "fl.state.")), batch.gc_before_ms))
             await self.collections.merge_remote(ops, defs)
+            for scope, before_ms in horizons:  # after the ops that came before them
+                await self.collections.collect_tombstones(scope, before_ms)
             self.received_ops += len(ops)
             await msgs[-1].ack()  # AckPolicy.ALL: acknowledges the whole fetch
