@@ -28,7 +28,9 @@ def test_account_template_confines_nodes_to_their_own_subjects(tmp_path: Path) -
     claims = natsjwt.decode_claims(authority.fleet_account_jwt(100, {"UABC": 101}))
     (scope,) = claims["nats"]["signing_keys"]
     assert scope["kind"] == "user_scope"
-    assert scope["template"]["pub"]["allow"] == ["fl.node.{{name()}}.>"]
+    assert scope["template"]["pub"]["allow"] == [
+        "fl.node.{{name()}}.>", "$JS.API.CONSUMER.MSG.NEXT.FL_FANOUT.{{name()}}",
+        "$JS.ACK.FL_FANOUT.{{name()}}.>"]
     assert "_INBOX.{{name()}}.>" in scope["template"]["sub"]["allow"]
     assert claims["nats"]["revocations"] == {"UABC": 101}
     assert claims["nats"]["limits"]["disk_storage"] == -1

@@ -10,6 +10,10 @@ import importlib
 from typing import Any
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "drain": ("fogline.bench.drain", "backlog drain to the hub after a partition"),
+    "merge": ("fogline.bench.merge", "hub CRDT merge rate vs pycrdt"),
+    "outbox-enqueue": ("fogline.bench.outbox_enqueue", "durable emit rate vs raw SQLite"),
+    "propagation": ("fogline.bench.propagation", "edge -> hub -> edge under emulated RTT"),
     "heartbeats": ("fogline.bench.heartbeats", "hub heartbeat processing, simulated nodes"),
     "node-http": ("fogline.bench.node_http", "node endpoint: uvicorn vs granian, one core"),
     "node-rss": ("fogline.bench.node_rss", "idle node agent RSS"),

@@ -26,6 +26,7 @@ from fogline.core.tokens import TokenRecord, new_token
 from fogline.errors import AuthError, ConfigError, FoglineError, NotFoundError, ProtocolError
 from fogline.hub.collections import CollectionStore
 from fogline.hub.enrollment import Credentials, Enrollment
+from fogline.hub.ingest import list_streams, read_records
 from fogline.hub.store import HubStore
 from fogline.protocol import TIERS
 
@@ -250,6 +251,16 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
                 "replicas": {r: collection_view(hub.collections.state(name, r))
                              for r in replicas},
                 "tombstones": {r: hub.collections.tombstone_count(r) for r in replicas}}
+
+    @app.get("/v1/streams")
+    def streams(_: Admin, node_id: str | None = None) -> Any:
+        return list_streams(store.engine, node_id)
+
+    @app.get("/v1/nodes/{node_id}/streams/{stream}/records")
+    def stream_records(node_id: str, stream: str, _: Admin, after_seq: int = 0,
+                       limit: int = 100) -> Any:
+        return read_records(store.engine, node_id, stream, after_seq,
+                            min(max(limit, 1), 10_000))
 
     @app.get("/v1/events")
     def list_events(_: Admin, limit: int = 200) -> list[dict[str, Any]]:

@@ -53,6 +53,7 @@ from fogline.core.outbox import (
 from fogline.errors import ConfigError, ProtocolError
 from fogline.hub.store import metadata
 from fogline.protocol import MAX_MESSAGE_BYTES, valid_node_id
+from fogline.transport.cancellation import raise_if_cancelling
 
 log = logging.getLogger("fogline.hub.ingest")
 
@@ -111,13 +112,6 @@ async def ensure_streams(js: JetStreamContext, *, max_bytes: int = STREAM_MAX_BY
             raise ConfigError(f"stream {FL_UP} exists with a conflicting configuration: "
                               f"{exc}") from exc
 
-
-def raise_if_cancelling() -> None:
-    """On Python 3.11 `asyncio.wait_for` (inside nats-py's fetch) can turn a cancel
-    that races its timeout into TimeoutError; the fetch loop must not swallow it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 @dataclass(frozen=True)

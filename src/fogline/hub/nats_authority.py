@@ -92,7 +92,9 @@ class NatsAuthority:
             f'host: "{host}"',
             f"port: {port}",
             "max_payload: 8MB",
-            f'jetstream {{ store_dir: "{store_dir / "jetstream"}" }}',
+            # fsync every write: a batch the hub acknowledged (and the node then deleted)
+            # must survive a power loss of the hub machine, not only a process crash.
+            f'jetstream {{ store_dir: "{store_dir / "jetstream"}", sync_interval: always }}',
             f'operator: "{self.operator_jwt(now_s)}"',
             f'system_account: "{self.system_account.public_key}"',
             f'resolver: {{ type: full, dir: "{resolver_dir}", allow_delete: false }}',

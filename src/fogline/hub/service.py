@@ -35,6 +35,8 @@ from fogline.hub.api import create_api
 from fogline.hub.collections import CollectionStore
 from fogline.hub.enrollment import Enrollment
 from fogline.hub.heartbeats import HeartbeatMetrics, HeartbeatProcessor
+from fogline.hub.ingest import IngestWorker
+from fogline.hub.ingest import ensure_streams as ensure_up_streams
 from fogline.hub.nats_authority import NatsAuthority
 from fogline.hub.pki import CertificateAuthority
 from fogline.hub.store import HubStore, health_of
@@ -280,6 +282,8 @@ class Hub:
         await self.push_account()
         js = self._nc.jetstream(timeout=10)
         await ensure_sync_streams(js)
+        await ensure_up_streams(js)
+        ingest = IngestWorker(self.store.engine, js, self.clock, registry=self.registry)
         self.collections = CollectionStore(self.store.engine)
         self.sync = HubSync(self.collections, self.store, self._nc, js, self.clock,
                             SyncMetrics(self.registry))
@@ -305,6 +309,7 @@ class Hub:
                 group.create_task(supervise("heartbeat intake",
                                             lambda: self._intake_loop(processor)))
                 group.create_task(supervise("collection merge", self.sync.run_merge))
+                group.create_task(supervise("stream ingest", ingest.run))
                 group.create_task(supervise("snapshots", self.sync.run_snapshots))
                 group.create_task(supervise(
                     "tombstone collection",

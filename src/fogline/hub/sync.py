@@ -47,6 +47,7 @@ from fogline.errors import FoglineError, ProtocolError
 from fogline.hub.collections import CollectionStore, Located
 from fogline.hub.store import HubStore
 from fogline.protocol import HUB_QUEUE_GROUP, node_id_from_subject
+from fogline.transport.cancellation import raise_if_cancelling
 
 log = logging.getLogger("fogline.hub.sync")
 
@@ -192,6 +193,7 @@ class HubSync:
             try:
                 msgs = await subscription.fetch(FETCH_BATCH, timeout=1)
             except TimeoutError:  # nats-py raises both its own and asyncio's
+                raise_if_cancelling()
                 continue
             if not msgs:
                 continue

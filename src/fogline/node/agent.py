@@ -33,6 +33,8 @@ from fogline.node.capabilities import current_load
 from fogline.node.collections import NodeCollections
 from fogline.node.enroll_once import enroll_if_needed
 from fogline.node.http import NodeState, create_node_app, load_local_token
+from fogline.node.outbox import Outbox
+from fogline.node.outbox_sender import OutboxSender
 from fogline.node.sqlite_writer import FsyncPolicy
 from fogline.node.sync import NodeSync
 from fogline.protocol import (
@@ -83,6 +85,7 @@ class NodeAgent:
         self._nc: NatsClient | None = None
         self._reconnected = asyncio.Event()
         self._clean_mark_ms = 0
+        self._sender: OutboxSender | None = None
 
     # Identity -----------------------------------------------------------------------
 
@@ -183,6 +186,12 @@ class NodeAgent:
         self.state.hub_connected = True
         sync = asyncio.create_task(NodeSync(self.collections, nc, identity.node_id,
                                             self.clock).run())
+        if self._sender is None:  # one sender (and one set of metrics) per process
+            self._sender = OutboxSender(self.outbox, nc.jetstream(timeout=5),
+                                        identity.node_id, self.clock,
+                                        registry=self.state.registry)
+        self._sender.js = nc.jetstream(timeout=5)
+        sender = asyncio.create_task(self._sender.run())
         try:
             await nc.subscribe(command_subject(identity.node_id), cb=self._on_command)
             interval_s = self._interval_s(identity)
@@ -202,9 +211,10 @@ class NodeAgent:
             return identity
         finally:
             self.state.hub_connected = False
-            sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sync
+            for task in (sync, sender):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -265,15 +275,20 @@ class NodeAgent:
         host, _, port = self.config.listen.rpartition(":")
         local_token = load_local_token(self.config.data_dir)
         collections: list[NodeCollections] = []
+        outboxes: list[Outbox] = []
         app = create_node_app(self.state, lambda: collections[0] if collections else None,
-                              local_token)
+                              local_token, lambda: outboxes[0] if outboxes else None)
         async with serve_http(app, host, int(port)) as bound:
             self.state.endpoint = f"http://{host}:{bound}"
             identity = await self._identity()
             self.collections = NodeCollections(self.config.data_dir / "state.db",
                                                identity.node_id, self.clock,
                                                self.config.fsync)
+            # Emits work from here on, hub or no hub: they wait in the outbox.
+            self.outbox = Outbox(self.config.data_dir / "outbox.db", self.clock,
+                                 fsync=self.config.fsync, registry=self.state.registry)
             collections.append(self.collections)
+            outboxes.append(self.outbox)
             self.state.node_id = identity.node_id
             self.state.name = identity.name
             self.state.region = identity.region
@@ -282,11 +297,12 @@ class NodeAgent:
             self.ready.set()
             log.info("node %s (%s) serving on %s", identity.node_id, identity.name,
                      self.state.endpoint)
-            await self._hub_link(identity)
-            # Revoked: keep serving local endpoints (they report the revocation) until
-            # the operator stops the process.
             try:
+                await self._hub_link(identity)
+                # Revoked: keep serving local endpoints (they report the revocation)
+                # until the operator stops the process.
                 await asyncio.Event().wait()
             finally:
                 self.collections.close()
+                self.outbox.close()
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from fogline import __version__
 from fogline.errors import ConfigError, FoglineError, NotFoundError, ProtocolError
 from fogline.fsutil import write_private
 from fogline.node.collections import NodeCollections
+from fogline.node.outbox import Outbox
 
 
 def load_local_token(data_dir: Path) -> str:
@@ -51,6 +53,7 @@ class NodeState:
     last_heartbeat_s: float = 0.0
     renewals: int = 0
     hub_rtt_ms: float = 0.0
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
     def status(self) -> str:
@@ -126,10 +129,44 @@ def local_routes(get_collections: Callable[[], NodeCollections | None],
                   methods=["GET", "POST"])]
 
 
+def stream_routes(get_outbox: Callable[[], Outbox | None], local_token: str) -> list[Route]:
+    """`POST /local/streams/{stream}` emits `{"record": ...}`; `GET /local/streams`
+    shows every stream's backlog."""
+
+    async def streams_endpoint(request: Request) -> JSONResponse:
+        outbox = get_outbox()
+        header = request.headers.get("authorization", "")
+        if not hmac.compare_digest(header, f"Bearer {local_token}"):
+            return _error(401, "local token required")
+        if outbox is None:
+            return _error(503, "node is still starting")
+        name = request.path_params.get("stream")
+        if name is None:
+            return JSONResponse({stream: msgspec.to_builtins(stats)
+                                 for stream, stats in outbox.stats().items()})
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(422, "body must be JSON")
+        if not isinstance(body, dict) or "record" not in body:
+            return _error(422, 'body must be {"record": ...}')
+        try:
+            seq = await outbox.emit(name, body["record"])
+        except (ConfigError, ProtocolError) as exc:
+            return _error(422, str(exc))
+        except FoglineError as exc:
+            return _error(503, str(exc))
+        return JSONResponse({"stream": name, "seq": seq})
+
+    return [Route("/local/streams", streams_endpoint),
+            Route("/local/streams/{stream}", streams_endpoint, methods=["POST"])]
+
+
 def create_node_app(state: NodeState,
                     get_collections: Callable[[], NodeCollections | None] = lambda: None,
-                    local_token: str = "") -> Starlette:
-    registry = CollectorRegistry()
+                    local_token: str = "",
+                    get_outbox: Callable[[], Outbox | None] = lambda: None) -> Starlette:
+    registry = state.registry
     Gauge("fogline_node_hub_connected", "1 while the NATS link to the hub is up",
           registry=registry).set_function(lambda: float(state.hub_connected))
     Gauge("fogline_node_heartbeats_sent", "Heartbeats sent since start",
@@ -154,4 +191,5 @@ def create_node_app(state: NodeState,
     routes = [Route("/healthz", healthz), Route("/metrics", metrics)]
     if local_token:
         routes += local_routes(get_collections, local_token)
+        routes += stream_routes(get_outbox, local_token)
     return Starlette(routes=routes)

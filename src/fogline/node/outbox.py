@@ -200,6 +200,8 @@ class Outbox:
         self._wake.set()
         self._thread.join()
         self._closed = True
+        # An emit that slipped in while the writer stopped must not wait forever.
+        self._fail_all(TerminalError("the outbox closed before this request completed"))
         if self._registry is not None and self._collector is not None:
             self._registry.unregister(self._collector)
 

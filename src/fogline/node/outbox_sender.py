@@ -12,7 +12,6 @@ records, and giving up would only mean reading the same batch again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -34,6 +33,7 @@ from fogline.core.outbox import (
 )
 from fogline.node.outbox import Outbox
 from fogline.node.outbox_store import OutboxBatch
+from fogline.transport.cancellation import raise_if_cancelling
 
 log = logging.getLogger("fogline.node.outbox")
 
@@ -43,13 +43,6 @@ BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
 IDLE_WAIT_S = 1.0
 
-
-def raise_if_cancelling() -> None:
-    """On Python 3.11 `asyncio.wait_for` (used inside nats-py) can turn a cancellation
-    that races its timeout into TimeoutError; a retry loop must not swallow it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class OutboxSender:
@@ -124,10 +117,11 @@ class OutboxSender:
                 bucket.take(batch.n_bytes, self.clock.monotonic())
             try:
                 await self._publish(batch)
+                await self.outbox.ack(batch)
             except BaseException:
+                # Read again later; a batch that did reach JetStream is a duplicate there.
                 self.outbox.release(batch.stream)
                 raise
-            await self.outbox.ack(batch)
             sent += len(batch.records)
         return sent
 

@@ -32,6 +32,7 @@ from fogline.core.sync import (
 )
 from fogline.errors import ProtocolError
 from fogline.node.collections import NodeCollections
+from fogline.transport.cancellation import raise_if_cancelling
 
 log = logging.getLogger("fogline.node.sync")
 
@@ -133,6 +134,7 @@ class NodeSync:
             try:
                 msgs = await subscription.fetch(FETCH_MAX, timeout=1)
             except TimeoutError:  # nats-py raises both its own and asyncio's
+                raise_if_cancelling()
                 continue
             if not msgs:  # a fetch that expired server-side returns nothing
                 continue
