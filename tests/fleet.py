@@ -179,6 +179,12 @@ class LocalNode:
         assert response.status_code == 200, response.text
         return dict(response.json())
 
+    def emit(self, stream: str, record: Any) -> int:
+        with self._client() as client:
+            response = client.post(f"/local/streams/{stream}", json={"record": record})
+        assert response.status_code == 200, response.text
+        return int(response.json()["seq"])
+
     def value(self, collection: str) -> Any:
         with self._client() as client:
             response = client.get(f"/local/collections/{collection}")

@@ -72,6 +72,8 @@ def converged(hub: HubProcess, nodes: dict[str, LocalNode]) -> bool:
 
 
 def write_round(node: LocalNode, who: str, i: int, expected: dict[str, int]) -> None:
+    node.emit("telemetry", {"from": who, "i": i})
+    expected[f"emitted-{who}"] = expected.get(f"emitted-{who}", 0) + 1
     node.write("shared", op="put", key=f"k{i % 7}", value=f"{who}-{i}")
     node.write("hits", op="incr", amount=i % 3 + 1)
     expected["hits"] += i % 3 + 1
@@ -111,6 +113,23 @@ def test_partitioned_node_keeps_writing_and_converges_after_heal(
         metrics = httpx.get(f"{hub.url}/metrics", timeout=10,
                             headers={"Authorization": f"Bearer {hub.token}"}).text
         assert 'fogline_hub_collection_conflicts_total{collection="shared"}' in metrics
+        assert_every_record_once(hub, expected)
+
+
+def assert_every_record_once(hub: HubProcess, expected: dict[str, int]) -> None:
+    def counts() -> dict[str, int]:
+        by_name = {n["id"]: n["name"] for n in hub.api("GET", "/v1/nodes")}
+        rows = hub.api("GET", "/v1/streams")
+        return {f"emitted-{by_name[r['node_id']]}": r["last_seq"] for r in rows
+                if r["stream"] == "telemetry"}
+
+    wanted = {k: v for k, v in expected.items() if k.startswith("emitted-")}
+    wait_for(lambda: counts() == wanted, 15, "every emitted record at the hub")
+    for node in hub.api("GET", "/v1/nodes"):
+        records = hub.api("GET", f"/v1/nodes/{node['id']}/streams/telemetry/records",
+                          params={"limit": 10_000})
+        seqs = [r["seq"] for r in records]
+        assert seqs == list(range(1, wanted[f"emitted-{node['name']}"] + 1))
 
 
 def test_nodes_keep_accepting_writes_while_the_hub_is_down(tmp_path: Path,
@@ -140,6 +159,7 @@ def test_nodes_keep_accepting_writes_while_the_hub_is_down(tmp_path: Path,
             wait_for(lambda: converged(hub, nodes), 30, "replicas to converge after outage")
             assert hub_view(hub, "hits") == expected["hits"]
             assert nodes["b"].value("hits") == expected["hits"]
+            assert_every_record_once(hub, expected)
     finally:
         for process in node_processes:
             stop(process, signal.SIGTERM)
