@@ -51,10 +51,21 @@ def test_headless_demo_shows_partition_detection_and_recovery(tmp_path: Path) ->
     assert 0 < cut["recovery_s"] <= HEARTBEAT_S + rtt_s, cut
     timeline = [e["event"] for e in summary["timeline"]]
     assert timeline.index("partition") < timeline.index("heal")
-    offline = [s["t_s"] for s in summary["statuses"] if s["status"]["eu-west-1"] == "offline"]
+    cut_t = next(e["t_s"] for e in summary["timeline"] if e["event"] == "partition")
+    offline = [s["t_s"] for s in summary["statuses"]
+               if s["t_s"] > cut_t and s["status"]["eu-west-1"] == "offline"]
     assert offline, "the view never showed eu-west offline"
     assert all(s["status"]["us-east-1"] == "ready" for s in summary["statuses"]
                if s["t_s"] > offline[0]), "the partition disturbed another region"
+    data_story = summary["data"]
+    assert data_story["records_lost"] == 0
+    assert data_story["replicas_equal"] is True
+    assert data_story["converged_after_heal_s"] is not None
+    assert data_story["converged_after_heal_s"] <= 3.0
+    cut_off, other = data_story["nodes"]["eu-west-1"], data_story["nodes"]["us-east-1"]
+    assert cut_off["backlog_max"] > 20 > other["backlog_max"]  # grew only while cut off
+    assert all(n["backlog"] == 0 and n["at_hub"] == n["emitted_acked"]
+               for n in data_story["nodes"].values())
     assert processes_using(data) == []
 
 

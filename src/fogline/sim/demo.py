@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from fogline.errors import ConfigError, RetryableError
+from fogline.sim.demo_data import DataWorkload
 from fogline.sim.procs import fogline_process, wait_for_file
 from fogline.sim.wan import LinkConfig, WanEmulator, WanLink
 from fogline.sim.wan_control import control_app
@@ -29,6 +30,7 @@ from fogline.transport.http_server import serve_http
 
 DEFAULT_RTT_MS: dict[str, float] = {"us-east": 20.0, "eu-west": 80.0, "ap-south": 150.0}
 POLL_INTERVAL_S = 0.2
+DRAIN_TIMEOUT_S = 20.0
 START_TIMEOUT_S = 60.0
 
 
@@ -102,6 +104,7 @@ class DemoState:
     phase: str = "starting"
     hub_url: str = ""
     wan_url: str = ""
+    data: Any = None
     data_dir: str = ""
 
     def elapsed_s(self) -> float:
@@ -129,6 +132,8 @@ class Demo:
         self.config = config
         self.on_update = on_update or (lambda _state: None)
         self.state = DemoState(started_at_s=time.time())
+        self.data = DataWorkload()
+        self.state.data = self.data
         self.partition: dict[str, Any] = {}
 
     @contextlib.contextmanager
@@ -159,7 +164,11 @@ class Demo:
                         headers={"Authorization": f"Bearer {admin}"}) as api:
                     await self._start_nodes(stack, data, wan, api, hub_url, nats_url)
                     await self._wait_ready(api)
-                    await self._play(api)
+                    await self.data.setup(api, [(n.name, n.data_dir)
+                                                for n in self.state.nodes])
+                    async with httpx.AsyncClient(timeout=2) as local:
+                        await self._play(api, local)
+                        await self._drain(api, local)
                     return await self._summary(api)
         raise AssertionError("unreachable")
 
@@ -276,10 +285,22 @@ class Demo:
             node.api_link.heal()
             node.nats_link.heal()
         self.partition["healed_at_s"] = time.time()
+        self.data.healed()
         self.state.phase = "healed"
         self.state.note("heal", region=self.config.partition_region)
 
-    async def _play(self, api: httpx.AsyncClient) -> None:
+    async def _drain(self, api: httpx.AsyncClient, local: httpx.AsyncClient) -> None:
+        """Give backlogs a moment to reach the hub before the summary counts them."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            await self.data.refresh(local)
+            await self.data._hub_counts(api)
+            if await self.data.settled(api):
+                return
+            await self._poll(api)
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _play(self, api: httpx.AsyncClient, local: httpx.AsyncClient) -> None:
         cfg = self.config
         cut_at, heal_at = cfg.partition_at_s, cfg.partition_at_s + cfg.partition_for_s
         while cfg.duration_s == 0 or self.state.elapsed_s() < cfg.duration_s:
@@ -289,6 +310,7 @@ class Demo:
             if cfg.chaos and self.partition and "healed_at_s" not in self.partition and (
                     now >= heal_at):
                 self._heal()
+            await self.data.step(api, local)
             await self._poll(api)
             await asyncio.sleep(POLL_INTERVAL_S)
         if self.partition and "healed_at_s" not in self.partition:
@@ -317,6 +339,7 @@ class Demo:
                 if n.measured_rtt_ms else None,
             } for n in self.state.nodes],
             "partition": partition,
+            "data": await self.data.summary(api),
             "timeline": self.state.timeline,
             "statuses": self.state.samples,
         }

@@ -43,6 +43,15 @@ def render(state: DemoState) -> Panel:
         text = ", ".join(f"{k}={v}" for k, v in detail.items() if k != "hub_since_s")
         lines.append(f"t={entry['t_s']:6.1f}s  {entry['event']:<14} {text}\n")
     title = (f"fogline demo — {state.phase} — t={state.elapsed_s():.0f}s — hub {state.hub_url}")
-    return Panel(Group(table, Panel(lines, title="timeline", border_style="dim")),
+    data = Table(expand=True, header_style="bold", title="data: global collection "
+                 "'readings' + stream 'telemetry'")
+    for column in ("node", "writes", "emitted", "backlog on node", "at the hub"):
+        data.add_column(column)
+    if state.data is not None:
+        for node in state.data.nodes.values():
+            data.add_row(node.name, str(node.writes), str(len(node.acked_seqs)),
+                         Text(str(node.backlog), style="yellow" if node.backlog > 5 else ""),
+                         str(node.at_hub))
+    return Panel(Group(table, data, Panel(lines, title="timeline", border_style="dim")),
                  title=title,
                  subtitle=f"WAN control: {state.wan_url}/links — Ctrl-C stops everything")
