@@ -41,3 +41,12 @@ def postgres_url() -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_db_args(request: pytest.FixtureRequest) -> list[str]:
+    """`fogline hub` arguments for the embedded SQLite store and for PostgreSQL: the same
+    suite runs against both."""
+    if request.param == "postgresql":
+        return ["--db", request.getfixturevalue("postgres_url")]
+    return []

@@ -55,9 +55,10 @@ def hub_seqs(hub: HubProcess, node_id: str) -> list[int]:
         after = seqs[-1]
 
 
-def test_kill_9_mid_emit_storm_20_times_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+def test_kill_9_mid_emit_storm_20_times_loses_and_duplicates_nothing(
+        tmp_path: Path, hub_db_args: list[str]) -> None:
     rng = random.Random(7)
-    with run_hub(tmp_path / "hub", "--heartbeat-interval", "1s") as hub:
+    with run_hub(tmp_path / "hub", "--heartbeat-interval", "1s", *hub_db_args) as hub:
         node_dir = tmp_path / "n1"
         process = hub.start_node(node_dir, "n1", hub.create_token())
         wait_for(lambda: (node_dir / "endpoint").exists(), 30, "node up")

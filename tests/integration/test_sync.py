@@ -83,8 +83,8 @@ def write_round(node: LocalNode, who: str, i: int, expected: dict[str, int]) -> 
 
 
 def test_partitioned_node_keeps_writing_and_converges_after_heal(
-        tmp_path: Path, wan: ThreadedWan) -> None:
-    with run_hub(tmp_path / "hub", "--heartbeat-interval", "1s") as hub:
+        tmp_path: Path, wan: ThreadedWan, hub_db_args: list[str]) -> None:
+    with run_hub(tmp_path / "hub", "--heartbeat-interval", "1s", *hub_db_args) as hub:
         nodes = start_fleet(hub, tmp_path, wan, ["a", "b"])
         expected = {"hits": 0}
         wan.partition("b/nats")
@@ -132,11 +132,12 @@ def assert_every_record_once(hub: HubProcess, expected: dict[str, int]) -> None:
         assert seqs == list(range(1, wanted[f"emitted-{node['name']}"] + 1))
 
 
-def test_nodes_keep_accepting_writes_while_the_hub_is_down(tmp_path: Path,
-                                                           wan: ThreadedWan) -> None:
+def test_nodes_keep_accepting_writes_while_the_hub_is_down(
+        tmp_path: Path, wan: ThreadedWan, hub_db_args: list[str]) -> None:
     hub_dir = tmp_path / "hub"
     api_port = _free_port()
-    with run_hub(hub_dir, "--heartbeat-interval", "1s", listen=f"127.0.0.1:{api_port}") as hub:
+    with run_hub(hub_dir, "--heartbeat-interval", "1s", *hub_db_args,
+                 listen=f"127.0.0.1:{api_port}") as hub:
         nodes = start_fleet(hub, tmp_path, wan, ["a", "b"])
         node_processes = list(hub.nodes)
         hub.nodes.clear()  # the nodes outlive this hub process
@@ -154,7 +155,7 @@ def test_nodes_keep_accepting_writes_while_the_hub_is_down(tmp_path: Path,
             i += 1
             time.sleep(0.5)
         assert all(n.value("hits") < expected["hits"] for n in nodes.values())
-        with run_hub(hub_dir, "--heartbeat-interval", "1s",
+        with run_hub(hub_dir, "--heartbeat-interval", "1s", *hub_db_args,
                      listen=f"127.0.0.1:{api_port}") as hub:
             wait_for(lambda: converged(hub, nodes), 30, "replicas to converge after outage")
             assert hub_view(hub, "hits") == expected["hits"]
@@ -180,9 +181,9 @@ def node_tombstones(node: LocalNode) -> int:
 
 
 def test_tombstones_are_kept_while_a_node_could_resurrect_and_collected_after(
-        tmp_path: Path, wan: ThreadedWan) -> None:
+        tmp_path: Path, wan: ThreadedWan, hub_db_args: list[str]) -> None:
     with run_hub(tmp_path / "hub", "--heartbeat-interval", "0.5s",
-                 "--tombstone-gc-interval", "0.5s") as hub:
+                 "--tombstone-gc-interval", "0.5s", *hub_db_args) as hub:
         nodes = start_fleet(hub, tmp_path, wan, ["a", "b"])
         a, b = nodes["a"], nodes["b"]
         a.write("shared", op="put", key="k", value="first")

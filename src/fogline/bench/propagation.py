@@ -258,11 +258,11 @@ async def _drive(hub: HubRun, workdir: Path, rtt_ms: float, count: int,
 
 
 def _pull_stats(pulls: list[tuple[float, dict[str, Any]]], writes: int) -> dict[str, Any]:
-    """How a pull consumer fetched: a fetch starts with a no_wait probe (with `expires`,
-    so the server holds it until a message comes). About one probe per write, spaced
-    like the writes, means each fetch returned as its message arrived rather than
-    waiting out the 1 s fetch timeout."""
-    probes = sorted(t for t, req in pulls if req.get("no_wait"))
+    """How a pull consumer fetched: every wait for work is a single-message pull
+    request with `expires` (see fogline.transport.jetstream.fetch_ready), held by the
+    server until a message comes. About one per write, spaced like the writes, means
+    each fetch returned as its message arrived rather than waiting out its timeout."""
+    probes = sorted(t for t, req in pulls if req.get("batch") == 1)
     gaps = [(b - a) * 1000 for a, b in itertools.pairwise(probes)]
     return {
         "pull_requests": len(pulls),

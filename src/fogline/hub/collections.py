@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from fogline.core.crdt import (
@@ -30,7 +28,7 @@ from fogline.core.crdt import (
 from fogline.core.hlc import Hlc
 from fogline.core.sync import CollectionDef
 from fogline.errors import ConfigError, NotFoundError
-from fogline.hub.store import metadata
+from fogline.hub.store import metadata, upsert
 
 definitions = sa.Table(
     "fl_coll_defs", metadata,
@@ -48,6 +46,9 @@ map_rows = sa.Table(
     sa.Column("deleted", sa.Boolean, nullable=False),
     sa.Column("ts_wall_ms", sa.BigInteger, nullable=False),
 )
+# Merges look rows up by key across replicas: without this, every lookup scans the table.
+sa.Index("fl_coll_map_key", map_rows.c.key)
+
 counter_rows = sa.Table(
     "fl_coll_counter", metadata,
     sa.Column("replica", sa.String(80), primary_key=True),
@@ -89,19 +90,6 @@ class MergeOutcome:
     conflicts: list[tuple[str, str, MapOp]] = field(default_factory=list)
 
 
-def _upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
-            update: list[str]) -> None:
-    if not rows:
-        return
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table)
-    keys = [c.name for c in table.primary_key.columns]
-    if update:
-        statement = statement.on_conflict_do_update(
-            index_elements=keys, set_={c: statement.excluded[c] for c in update})
-    else:
-        statement = statement.on_conflict_do_nothing(index_elements=keys)
-    conn.execute(statement, rows)
 
 
 class CollectionStore:
@@ -151,18 +139,20 @@ class CollectionStore:
                     outcome: MergeOutcome) -> None:
         if not items:
             return
+        # Plain DB-API calls: SQLAlchemy's per-row parameter processing cost more
+        # than the SQL itself.
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
         wanted = {(r, c, op.key) for r, c, op in items}  # type: ignore[union-attr]
+        keys = list({key for _, _, key in wanted})
         current: dict[tuple[str, str, str], MapOp] = {}
-        for start in range(0, len(items), 500):
-            chunk = items[start:start + 500]
-            keys = {op.key for _, _, op in chunk}  # type: ignore[union-attr]
-            rows = conn.execute(sa.select(map_rows.c.replica, map_rows.c.collection,
-                                          map_rows.c.key, map_rows.c.op)
-                                .where(map_rows.c.key.in_(keys)))
-            for row in rows:
-                if (row.replica, row.collection, row.key) in wanted:
-                    current[(row.replica, row.collection, row.key)] = _map_decoder.decode(
-                        row.op)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows = conn.exec_driver_sql(
+                f"SELECT replica, collection, key, op FROM {map_rows.name} "
+                f"WHERE key IN ({', '.join([mark] * len(chunk))})", tuple(chunk)).fetchall()
+            for replica, collection, key, data in rows:
+                if (replica, collection, key) in wanted:
+                    current[(replica, collection, key)] = _map_decoder.decode(data)
         writes: dict[tuple[str, str, str], MapOp] = {}
         for replica, collection, op in items:
             assert isinstance(op, MapOp)
@@ -174,11 +164,17 @@ class CollectionStore:
                 current[slot] = merged.winner
                 writes[slot] = merged.winner
                 outcome.changed.append((replica, collection, op))
-        _upsert(conn, map_rows, [
-            {"replica": r, "collection": c, "key": k, "op": _tag_encoder.encode(op),
-             "deleted": op.value is None, "ts_wall_ms": op.ts.wall_ms}
-            for (r, c, k), op in writes.items()],
-            ["op", "deleted", "ts_wall_ms"])
+        rows_out = [{"replica": r, "collection": c, "key": k, "op": _tag_encoder.encode(op),
+                     "deleted": op.value is None, "ts_wall_ms": op.ts.wall_ms}
+                    for (r, c, k), op in writes.items()]
+        if conn.dialect.name != "sqlite":  # psycopg: SQLAlchemy batches many rows per INSERT
+            upsert(conn, map_rows, rows_out, ["op", "deleted", "ts_wall_ms"])
+        elif rows_out:
+            conn.exec_driver_sql(
+                f"INSERT INTO {map_rows.name} (replica, collection, key, op, deleted, "
+                "ts_wall_ms) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (replica, collection, key) "
+                "DO UPDATE SET op = excluded.op, deleted = excluded.deleted, "
+                "ts_wall_ms = excluded.ts_wall_ms", [tuple(row.values()) for row in rows_out])
 
     def _merge_counters(self, conn: Connection, items: list[Located],
                         outcome: MergeOutcome) -> None:
@@ -198,7 +194,7 @@ class CollectionStore:
             if after != before:
                 current[slot] = writes[slot] = after
                 outcome.changed.append((replica, collection, op))
-        _upsert(conn, counter_rows, [
+        upsert(conn, counter_rows, [
             {"replica": r, "collection": c, "node": node, "p": p, "n": n}
             for (r, c, node), (p, n) in writes.items()], ["p", "n"])
 
@@ -235,7 +231,7 @@ class CollectionStore:
             rows_out.append({"replica": replica, "collection": collection, "tag": slot[2],
                              "elem": op.elem})
             outcome.changed.append((replica, collection, op))
-        _upsert(conn, set_adds, rows_out, [])
+        upsert(conn, set_adds, rows_out, [])
 
     def _merge_set_removes(self, conn: Connection, items: list[Located],
                            outcome: MergeOutcome) -> None:
@@ -258,7 +254,7 @@ class CollectionStore:
                 set_adds.c.replica == replica, set_adds.c.collection == collection,
                 set_adds.c.tag.in_([tag for tag, _ in fresh])))
             outcome.changed.append((replica, collection, op))
-        _upsert(conn, set_removed, rows_out, [])
+        upsert(conn, set_removed, rows_out, [])
 
     # Tombstones ---------------------------------------------------------------------
 

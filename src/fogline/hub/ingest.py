@@ -38,7 +38,6 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 from prometheus_client import CollectorRegistry, Counter
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from fogline.clock import Clock
@@ -51,9 +50,10 @@ from fogline.core.outbox import (
     plan_ingest,
 )
 from fogline.errors import ConfigError, ProtocolError
-from fogline.hub.store import metadata
+from fogline.hub.store import metadata, upsert
 from fogline.protocol import MAX_MESSAGE_BYTES, valid_node_id
 from fogline.transport.cancellation import raise_if_cancelling
+from fogline.transport.jetstream import fetch_ready
 
 log = logging.getLogger("fogline.hub.ingest")
 
@@ -131,13 +131,6 @@ class Outcome:
     delay_s: float = 0.0
 
 
-def _insert_ignoring_duplicates(conn: Connection, table: sa.Table) -> Any:
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    raise ConfigError(f"ingest supports SQLite and PostgreSQL, not {dialect}")
 
 
 class IngestWorker:
@@ -178,8 +171,8 @@ class IngestWorker:
         try:
             while True:
                 try:
-                    messages = await subscription.fetch(self.fetch_batch,
-                                                        timeout=self.fetch_timeout_s)
+                    messages = await fetch_ready(subscription, self.fetch_batch,
+                                                 self.fetch_timeout_s)
                 except TimeoutError:
                     raise_if_cancelling()
                     continue
@@ -275,10 +268,10 @@ class IngestWorker:
             groups[(item.node_id, item.stream)].append(item)
         keys = sorted(groups)
         # Creating missing cursors first takes the write lock on SQLite up front.
-        conn.execute(_insert_ignoring_duplicates(conn, cursors),
-                     [{"node_id": n, "stream": s, "last_seq": 0, "records": 0, "dropped": 0,
-                       "lost": 0, "node_dropped_total": 0, "updated_at_s": now_s}
-                      for n, s in keys])
+        upsert(conn, cursors,
+               [{"node_id": n, "stream": s, "last_seq": 0, "records": 0, "dropped": 0,
+                 "lost": 0, "node_dropped_total": 0, "updated_at_s": now_s}
+                for n, s in keys], update=[])
         rows: list[dict[str, Any]] = []
         waits: set[int] = set()
         for node_id, stream in keys:  # locked in one order, so hubs cannot deadlock
@@ -324,7 +317,7 @@ class IngestWorker:
             self._count("dropped", dropped)
             self._count("lost", lost)
         if rows:
-            conn.execute(_insert_ignoring_duplicates(conn, records), rows)
+            upsert(conn, records, rows, update=[])
         return waits
 
     def _count(self, name: str, amount: int = 1) -> None:

@@ -272,8 +272,10 @@ class Hub:
                 try:
                     await self._serve(host, port)
                 finally:
-                    await self._nc.drain()
-                    await self._system_nc.drain()
+                    # close, not drain: every loop has stopped and acked its work, and a
+                    # drain waits its full timeout on idle pull subscriptions.
+                    await self._nc.close()
+                    await self._system_nc.close()
         finally:
             self.store.close()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from fogline.core.health import NodeHealth
@@ -114,6 +115,27 @@ class HeartbeatUpdate:
     load: dict[str, float]
     failing_checks: tuple[str, ...]
     sync_clean_ms: int = 0
+
+
+def upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
+           update: list[str]) -> None:
+    """Insert rows; on a primary-key conflict update the `update` columns, or keep the
+    existing row if none are given. One statement for SQLite and PostgreSQL."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        statement = postgresql.insert(table)
+    elif conn.dialect.name == "sqlite":
+        statement = sqlite.insert(table)
+    else:
+        raise ConfigError(f"the hub supports SQLite and PostgreSQL, not {conn.dialect.name}")
+    keys = [c.name for c in table.primary_key.columns]
+    if update:
+        statement = statement.on_conflict_do_update(
+            index_elements=keys, set_={c: statement.excluded[c] for c in update})
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=keys)
+    conn.execute(statement, rows)
 
 
 def _engine(url: str) -> Engine:

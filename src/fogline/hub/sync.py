@@ -48,6 +48,7 @@ from fogline.hub.collections import CollectionStore, Located
 from fogline.hub.store import HubStore
 from fogline.protocol import HUB_QUEUE_GROUP, node_id_from_subject
 from fogline.transport.cancellation import raise_if_cancelling
+from fogline.transport.jetstream import fetch_ready
 
 log = logging.getLogger("fogline.hub.sync")
 
@@ -191,7 +192,7 @@ class HubSync:
                                   ack_wait=30))
         while True:
             try:
-                msgs = await subscription.fetch(FETCH_BATCH, timeout=1)
+                msgs = await fetch_ready(subscription, FETCH_BATCH, 1.0)
             except TimeoutError:  # nats-py raises both its own and asyncio's
                 raise_if_cancelling()
                 continue

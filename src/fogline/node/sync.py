@@ -33,6 +33,7 @@ from fogline.core.sync import (
 from fogline.errors import ProtocolError
 from fogline.node.collections import NodeCollections
 from fogline.transport.cancellation import raise_if_cancelling
+from fogline.transport.jetstream import fetch_ready
 
 log = logging.getLogger("fogline.node.sync")
 
@@ -132,7 +133,7 @@ class NodeSync:
     async def _consume(self, subscription: JetStreamContext.PullSubscription) -> None:
         while not self.nc.is_closed:
             try:
-                msgs = await subscription.fetch(FETCH_MAX, timeout=1)
+                msgs = await fetch_ready(subscription, FETCH_MAX, 1.0)
             except TimeoutError:  # nats-py raises both its own and asyncio's
                 raise_if_cancelling()
                 continue
