@@ -328,6 +328,29 @@ def get_collection(
         console.print(f"  {replica_name}: {json.dumps(value)}", highlight=False)
 
 
+@get_app.command("streams")
+def get_streams(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+                output: OutputOpt = "table") -> None:
+    """Upstream streams per node: records at the hub, drops, gaps."""
+    try:
+        client = HubClient.resolve(hub, token, data)
+        rows = client.request("GET", "/v1/streams")
+        names = {n["id"]: n["name"] for n in client.request("GET", "/v1/nodes")}
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+    if output == "json":
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NODE", "STREAM", "RECORDS", "LAST SEQ", "DROPPED", "LOST"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(names.get(row["node_id"], row["node_id"]), row["stream"],
+                      str(row["records"]), str(row["last_seq"]), str(row["dropped"]),
+                      str(row["lost"]))
+    console.print(table)
+
+
 @get_app.command("tokens")
 def get_tokens(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None) -> None:
     """Bootstrap tokens (secrets are never shown again)."""
