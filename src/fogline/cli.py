@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fogline import __version__
-from fogline.cliutil import HubClient, parse_duration_s, parse_labels
+from fogline.cliutil import HubClient, parse_duration_s, parse_labels, parse_stream_policy
 from fogline.errors import ConfigError, FoglineError
 from fogline.runtime import run_service
 
@@ -161,6 +161,11 @@ def node(
         "--nats", help="NATS URL to use instead of the one the hub advertises")] = None,
     ca_hash: Annotated[str | None, typer.Option(
         help="sha256:... of the hub CA (HTTPS hubs)")] = None,
+    fsync: Annotated[str, typer.Option(
+        help="normal (group commit, WAL) or full (fsync every commit)")] = "normal",
+    stream: Annotated[list[str] | None, typer.Option(
+        help="Stream policy, repeatable: NAME:priority=10,bandwidth_bps=50000,"
+             "quota_bytes=100000000,overflow=drop-oldest")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run an edge node: enroll on first start, then heartbeat and serve."""
@@ -175,7 +180,10 @@ def node(
             "region": region, "zone": zone, "tier": tier, "labels": parse_labels(labels),
             "listen": listen, "nats_url": nats_url, "ca_sha256": ca_hash,
             "heartbeat_interval_s": parse_duration_s(heartbeat_interval)
-            if heartbeat_interval else None}
+            if heartbeat_interval else None,
+            "fsync": fsync, "streams": dict(parse_stream_policy(t) for t in stream or [])}
+        if fsync not in ("normal", "full"):
+            raise ConfigError(f"--fsync must be normal or full, not {fsync!r}")
         enroll_if_needed(config)
     except FoglineError as exc:
         raise _fail(exc) from exc

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fogline.errors import AuthError, ConfigError, NotFoundError
+from fogline.errors import AuthError, ConfigError, FoglineError, NotFoundError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -34,6 +34,35 @@ def parse_labels(text: str | None) -> dict[str, str]:
             raise ConfigError(f"invalid label {item!r}: expected key=value")
         labels[key.strip()] = value.strip()
     return labels
+
+
+_POLICY_FIELDS = {"priority": int, "bandwidth_bps": float, "quota_bytes": int,
+                  "overflow": str, "burst_bytes": int}
+
+
+def parse_stream_policy(text: str) -> tuple[str, dict[str, Any]]:
+    """'alerts:priority=10,bandwidth_bps=50000,overflow=drop-oldest' -> (name, fields),
+    checked by building the StreamPolicy it describes."""
+    from fogline.core.outbox import StreamPolicy, check_stream_name
+
+    name, _, rest = text.partition(":")
+    try:
+        check_stream_name(name.strip())
+    except FoglineError as exc:
+        raise ConfigError(f"--stream {text!r}: {exc}") from exc
+    fields: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        kind = _POLICY_FIELDS.get(key.strip())
+        if not sep or kind is None:
+            raise ConfigError(f"--stream {text!r}: expected key=value with keys "
+                              f"{', '.join(_POLICY_FIELDS)}")
+        try:
+            fields[key.strip()] = kind(float(value)) if kind is int else kind(value.strip())
+        except ValueError as exc:
+            raise ConfigError(f"--stream {text!r}: {key} must be a number") from exc
+    StreamPolicy(**fields)  # refuses bad values with a clear ConfigError
+    return name.strip(), fields
 
 
 @dataclass(frozen=True)

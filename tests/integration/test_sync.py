@@ -100,7 +100,7 @@ def test_partitioned_node_keeps_writing_and_converges_after_heal(
         healed = time.monotonic()
         wait_for(lambda: converged(hub, nodes), 10, "replicas to converge")
         convergence_s = time.monotonic() - healed
-        assert convergence_s <= 2.0 + 1.0, f"converged only after {convergence_s:.1f}s"
+        assert convergence_s <= 2.0, f"converged only after {convergence_s:.1f}s"
         assert nodes["a"].value("hits") == expected["hits"]
         assert hub_view(hub, "hits") == expected["hits"]
         shared = nodes["a"].value("shared")

@@ -25,3 +25,19 @@ def test_labels() -> None:
     for bad in ("a", "=x", "a=1,b"):
         with pytest.raises(ConfigError, match="invalid label"):
             parse_labels(bad)
+
+
+def test_stream_policies() -> None:
+    from fogline.cliutil import parse_stream_policy
+
+    assert parse_stream_policy("alerts:priority=10,bandwidth_bps=50000") == (
+        "alerts", {"priority": 10, "bandwidth_bps": 50000.0})
+    assert parse_stream_policy("bulk:overflow=drop-oldest,quota_bytes=1e6") == (
+        "bulk", {"overflow": "drop-oldest", "quota_bytes": 1_000_000})
+    for bad, reason in [("x:priority=high", "must be a number"),
+                        ("x:colour=red", "expected key=value"),
+                        ("x:overflow=sometimes", "overflow must be one of"),
+                        ("x:bandwidth_bps=-5", "positive"),
+                        ("bad name:priority=1", "--stream")]:
+        with pytest.raises(ConfigError, match=reason):
+            parse_stream_policy(bad)

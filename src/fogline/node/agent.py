@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 
 from fogline import __version__
 from fogline.clock import Clock, SystemClock
+from fogline.core.outbox import StreamPolicy
 from fogline.errors import AuthError, FoglineError, ProtocolError
 from fogline.node import identity as ident
 from fogline.node.capabilities import current_load
@@ -71,6 +72,8 @@ class NodeConfig:
     nats_url: str | None = None
     ca_sha256: str | None = None
     fsync: FsyncPolicy = "normal"
+    # Stream name -> StreamPolicy fields (priority, bandwidth_bps, quota_bytes, overflow).
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -92,7 +95,7 @@ class NodeAgent:
     async def _identity(self) -> ident.Identity:
         """The stored identity; enroll first if there is none (`fogline node` usually
         has done that before exec'ing the agent)."""
-        options = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "fsync"}
+        options = dataclasses.asdict(self.config)
         await asyncio.to_thread(enroll_if_needed, options)
         return self.files.load_identity()
 
@@ -285,7 +288,9 @@ class NodeAgent:
                                                identity.node_id, self.clock,
                                                self.config.fsync)
             # Emits work from here on, hub or no hub: they wait in the outbox.
-            self.outbox = Outbox(self.config.data_dir / "outbox.db", self.clock,
+            policies = {name: StreamPolicy(**fields)
+                        for name, fields in self.config.streams.items()}
+            self.outbox = Outbox(self.config.data_dir / "outbox.db", self.clock, policies,
                                  fsync=self.config.fsync, registry=self.state.registry)
             collections.append(self.collections)
             outboxes.append(self.outbox)
