@@ -161,3 +161,29 @@ async def test_node_local_api_and_its_rejections(tmp_path: Path) -> None:
         assert reopened.hlc.last >= store.hlc.last
     finally:
         reopened.close()
+
+
+async def test_a_cancelled_write_never_breaks_the_writer(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from fogline.node.sqlite_writer import GroupCommitWriter
+
+    writer = GroupCommitWriter(tmp_path / "w.db")
+    try:
+        gate = threading.Event()
+        await writer.submit(lambda c: c.execute("CREATE TABLE t (x INTEGER)"))
+        blocker = asyncio.ensure_future(writer.submit(lambda c: gate.wait(5)))
+        await asyncio.sleep(0.05)  # the writer is busy with the blocker
+        queued = asyncio.ensure_future(writer.submit(
+            lambda c: c.execute("INSERT INTO t VALUES (1)")))
+        await asyncio.sleep(0.01)
+        queued.cancel()
+        gate.set()
+        await blocker
+        # The writer thread survived and the cancelled write was never done.
+        await writer.submit(lambda c: c.execute("INSERT INTO t VALUES (2)"))
+        rows = writer.read(lambda c: c.execute("SELECT x FROM t").fetchall())
+        assert rows == [(2,)]
+    finally:
+        writer.close()

@@ -76,6 +76,12 @@ class GroupCommitWriter:
         self._conn.close()
 
     def _commit(self, calls: list[_Call]) -> None:
+        # A caller that was cancelled while queued gets nothing done (it was never
+        # acknowledged); once running, a future can no longer be cancelled, so setting
+        # its result below cannot fail.
+        calls = [(fn, future) for fn, future in calls if future.set_running_or_notify_cancel()]
+        if not calls:
+            return
         results: list[tuple[Future, object, BaseException | None]] = []
         conn = self._conn
         try:
