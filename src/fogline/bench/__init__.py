@@ -12,6 +12,8 @@ from typing import Any
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "drain": ("fogline.bench.drain", "backlog drain to the hub after a partition"),
     "merge": ("fogline.bench.merge", "hub CRDT merge rate vs pycrdt"),
+    "mqtt-choice": ("fogline.bench.mqtt_choice",
+                    "embedded MQTT broker and client candidates vs Mosquitto"),
     "outbox-enqueue": ("fogline.bench.outbox_enqueue", "durable emit rate vs raw SQLite"),
     "propagation": ("fogline.bench.propagation", "edge -> hub -> edge under emulated RTT"),
     "heartbeats": ("fogline.bench.heartbeats", "hub heartbeat processing, simulated nodes"),
