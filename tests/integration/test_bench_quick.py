@@ -6,25 +6,10 @@ noisy), so these only check that a small run works and its numbers are plausible
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from fogline.bench import heartbeats, node_rss
-
-KEYS = {"name", "figure", "unit", "peer", "peer_figure", "ratio", "better", "goal", "met",
-        "conditions", "samples"}
-
-
-def assert_result_shape(result: dict[str, Any], name: str, better: str) -> None:
-    assert set(result) == KEYS
-    assert result["name"] == name
-    assert result["better"] == better
-    assert isinstance(result["met"], bool)
-    assert isinstance(result["conditions"], dict)
-    assert result["conditions"]["cores"] >= 1
-    assert result["samples"] > 0
-    assert result["ratio"] is not None and result["ratio"] > 0
+from tests.benchcheck import assert_result_shape
 
 
 @pytest.mark.timeout(120)

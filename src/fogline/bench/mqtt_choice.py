@@ -46,6 +46,7 @@ from fogline.transport.nats_server import (
     nats_server_binary,
     open_nats_server,
     stop_process,
+    wait_for_port,
 )
 
 HOST = "127.0.0.1"
@@ -390,19 +391,7 @@ class RssWatch:
 
 
 async def wait_port(port: int, proc: asyncio.subprocess.Process | None, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.returncode is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before listening")
-        try:
-            _, writer = await asyncio.open_connection(HOST, port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise TimeoutError(f"nothing listened on {HOST}:{port} within {seconds:.0f} s")
+    await wait_for_port(HOST, port, proc, seconds, "broker")
 
 
 @contextlib.asynccontextmanager

@@ -51,13 +51,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-async def _wait_for_port(host: str, port: int, process: asyncio.subprocess.Process,
-                         log_path: Path) -> None:
+async def wait_for_port(host: str, port: int, process: asyncio.subprocess.Process | None,
+                        timeout_s: float, name: str = "process") -> None:
+    """Until a child listens on host:port; a clear error if it exits or never listens."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_TIMEOUT_S
+    deadline = loop.time() + timeout_s
     while loop.time() < deadline:
-        if process.returncode is not None:
-            raise ConfigError(f"nats-server exited at start: {log_path.read_text()[-2000:]}")
+        if process is not None and process.returncode is not None:
+            raise ConfigError(f"{name} exited with {process.returncode} before listening")
         try:
             _, writer = await asyncio.open_connection(host, port)
         except OSError:
@@ -66,7 +67,7 @@ async def _wait_for_port(host: str, port: int, process: asyncio.subprocess.Proce
         writer.close()
         await writer.wait_closed()
         return
-    raise RetryableError(f"nats-server did not listen on {host}:{port} in {START_TIMEOUT_S}s")
+    raise RetryableError(f"{name} did not listen on {host}:{port} within {timeout_s:.0f}s")
 
 
 @contextlib.asynccontextmanager
@@ -84,7 +85,10 @@ async def open_nats_server(config_text: str, work_dir: Path, host: str,
         stderr=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent,
     )
     try:
-        await _wait_for_port(host, port, process, log_path)
+        try:
+            await wait_for_port(host, port, process, START_TIMEOUT_S, "nats-server")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}: {log_path.read_text()[-2000:]}") from exc
         yield process
     finally:
         await stop_process(process)
