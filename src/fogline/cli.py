@@ -48,6 +48,15 @@ def _setup_logging(verbose: bool) -> None:
                         stream=sys.stderr)
 
 
+def _hub_request(hub: str | None, token: str | None, data: Path | None, method: str,
+                 path: str, body: dict[str, Any] | None = None) -> Any:
+    """One hub API call for a CLI command; a FoglineError exits with its message."""
+    try:
+        return HubClient.resolve(hub, token, data).request(method, path, body)
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+
+
 def _fail(exc: FoglineError) -> typer.Exit:
     console.print(f"[red]error:[/red] {exc}", highlight=False)
     return typer.Exit(2)
@@ -201,11 +210,8 @@ def node_revoke(
     hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
 ) -> None:
     """Revoke a node: its credentials stop working at once."""
-    try:
-        result = HubClient.resolve(hub, token, data).request(
-            "POST", f"/v1/nodes/{node_id}/revoke", {"reason": reason})
-    except FoglineError as exc:
-        raise _fail(exc) from exc
+    result = _hub_request(hub, token, data, "POST", f"/v1/nodes/{node_id}/revoke",
+                          {"reason": reason})
     typer.echo(f"node {result['node_id']} revoked")
 
 
@@ -245,10 +251,7 @@ def nodes_table(nodes: list[dict[str, Any]]) -> Table:
 def get_nodes(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
               output: OutputOpt = "table") -> None:
     """List the fleet's nodes."""
-    try:
-        nodes = HubClient.resolve(hub, token, data).request("GET", "/v1/nodes")
-    except FoglineError as exc:
-        raise _fail(exc) from exc
+    nodes = _hub_request(hub, token, data, "GET", "/v1/nodes")
     if output == "json":
         typer.echo(json.dumps(nodes, indent=2))
     else:
@@ -259,10 +262,7 @@ def get_nodes(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
 def get_events(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
                output: OutputOpt = "table", limit: int = 50) -> None:
     """The audit log: enrollments, status changes, revocations."""
-    try:
-        events = HubClient.resolve(hub, token, data).request("GET", f"/v1/events?limit={limit}")
-    except FoglineError as exc:
-        raise _fail(exc) from exc
+    events = _hub_request(hub, token, data, "GET", f"/v1/events?limit={limit}")
     if output == "json":
         typer.echo(json.dumps(events, indent=2))
         return
@@ -283,11 +283,8 @@ def collection_create(
     hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
 ) -> None:
     """Create a collection (idempotent; type and scope cannot change later)."""
-    try:
-        result = HubClient.resolve(hub, token, data).request(
-            "POST", "/v1/collections", {"name": name, "type": kind, "scope": scope})
-    except FoglineError as exc:
-        raise _fail(exc) from exc
+    result = _hub_request(hub, token, data, "POST", "/v1/collections",
+                          {"name": name, "type": kind, "scope": scope})
     typer.echo(f"collection/{name} {result['result']}")
 
 
@@ -295,10 +292,7 @@ def collection_create(
 def get_collections(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
                     output: OutputOpt = "table") -> None:
     """List collections with their type, scope and replicas."""
-    try:
-        rows = HubClient.resolve(hub, token, data).request("GET", "/v1/collections")
-    except FoglineError as exc:
-        raise _fail(exc) from exc
+    rows = _hub_request(hub, token, data, "GET", "/v1/collections")
     if output == "json":
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -320,10 +314,7 @@ def get_collection(
 ) -> None:
     """The hub's view of a collection (every replica, or one)."""
     path = f"/v1/collections/{name}" + (f"?replica={replica}" if replica else "")
-    try:
-        view = HubClient.resolve(hub, token, data).request("GET", path)
-    except FoglineError as exc:
-        raise _fail(exc) from exc
+    view = _hub_request(hub, token, data, "GET", path)
     if key is not None:
         if view["type"] != "map":
             raise _fail(ConfigError(f"{name} is a {view['type']}; keys exist only in maps"))
@@ -362,10 +353,7 @@ def get_streams(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None
 @get_app.command("tokens")
 def get_tokens(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None) -> None:
     """Bootstrap tokens (secrets are never shown again)."""
-    try:
-        tokens = HubClient.resolve(hub, token, data).request("GET", "/v1/tokens")
-    except FoglineError as exc:
-        raise _fail(exc) from exc
+    tokens = _hub_request(hub, token, data, "GET", "/v1/tokens")
     typer.echo(json.dumps(tokens, indent=2))
 
 

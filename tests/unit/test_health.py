@@ -133,3 +133,13 @@ def test_tombstone_horizon_waits_for_every_node_and_an_empty_backlog() -> None:
     assert gc_horizon_ms([5_000, 0], merge_backlog=0) is None  # one never reported
     assert gc_horizon_ms([5_000, 7_000], merge_backlog=3) is None
     assert gc_horizon_ms([], merge_backlog=0) is None
+
+
+def test_tombstone_marks_come_from_the_nodes_holding_the_replica() -> None:
+    from fogline.core.tombstones import marks_in_scope
+
+    marks = [("nd-a", "eu", 1), ("nd-b", "eu", 2), ("nd-c", "us", 3), ("nd-d", "", 4)]
+    assert marks_in_scope("global", marks) == [1, 2, 3, 4]
+    assert marks_in_scope("region.eu", marks) == [1, 2]
+    assert marks_in_scope("region.none", marks) == [4]
+    assert marks_in_scope("node.nd-c", marks) == [3]

@@ -30,3 +30,13 @@ def gc_horizon_ms(clean_marks_ms: Iterable[int], merge_backlog: int) -> int | No
     if merge_backlog > 0 or not marks or min(marks) <= 0:
         return None
     return min(marks)
+
+
+def marks_in_scope(replica: str, marks: Iterable[tuple[str, str, int]]) -> list[int]:
+    """The clean marks of the nodes holding `replica`, from (node id, region, mark)."""
+    scope, _, name = replica.partition(".")
+    if scope == "global":
+        return [mark for _, _, mark in marks]
+    if scope == "region":
+        return [mark for _, region, mark in marks if (region or "none") == name]
+    return [mark for node_id, _, mark in marks if node_id == name]

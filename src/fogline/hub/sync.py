@@ -42,7 +42,7 @@ from fogline.core.sync import (
     node_fanout_subjects,
     replica_key,
 )
-from fogline.core.tombstones import gc_horizon_ms
+from fogline.core.tombstones import gc_horizon_ms, marks_in_scope
 from fogline.errors import FoglineError, ProtocolError
 from fogline.hub.collections import CollectionStore, Located
 from fogline.hub.store import HubStore
@@ -205,14 +205,6 @@ class HubSync:
 
     # Tombstones ---------------------------------------------------------------------
 
-    def _nodes_in_scope(self, replica: str, marks: list[tuple[str, str, int]]) -> list[int]:
-        scope, _, name = replica.partition(".")
-        if scope == "global":
-            return [mark for _, _, mark in marks]
-        if scope == "region":
-            return [mark for _, region, mark in marks if (region or "none") == name]
-        return [mark for node_id, _, mark in marks if node_id == name]
-
     async def collect_tombstones(self) -> dict[str, int]:
         """One pass of the tombstone rule over every replica; returns the horizons."""
         info = await self.js.consumer_info(STATE_STREAM, MERGE_CONSUMER)
@@ -221,7 +213,7 @@ class HubSync:
         replicas = await asyncio.to_thread(self.collections.replicas_with_tombstones)
         horizons: dict[str, int] = {}
         for replica in replicas:
-            horizon = gc_horizon_ms(self._nodes_in_scope(replica, marks), backlog)
+            horizon = gc_horizon_ms(marks_in_scope(replica, marks), backlog)
             if horizon is None:
                 continue
             dropped = await asyncio.to_thread(self.collections.collect_tombstones, replica,
