@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
+
+from fogline.node.identity import EnrollOptions, NodeFiles, enroll
+from fogline.protocol import inbox_prefix
 
 FOGLINE = [sys.executable, "-m", "fogline"]
 
@@ -194,3 +199,27 @@ class LocalNode:
 
     def knows(self, collection: str) -> bool:
         return self.value(collection) is not None
+
+
+def enrolled_node(hub: HubProcess, directory: Path, name: str) -> tuple[NodeFiles, str]:
+    """A node enrolled with the hub, without a node process: its files and id."""
+    files = NodeFiles(directory)
+    identity = enroll(files, EnrollOptions(hub_url=hub.url, token=hub.create_token(),
+                                           name=name), {}, time.time())
+    return files, identity.node_id
+
+
+async def connect_as(files: NodeFiles, node_id: str, url: str,
+                     errors: list[Exception] | None = None) -> nats.NATS:
+    """A NATS connection with the node's own credentials (and so its permissions)."""
+    seed, jwt = files.nkey(), files.nats_jwt.read_text().strip()
+
+    async def on_error(exc: Exception) -> None:
+        if errors is not None:
+            errors.append(exc)
+
+    return await nats.connect(
+        url, user_jwt_cb=lambda: jwt.encode(),
+        signature_cb=lambda nonce: base64.b64encode(seed.sign(nonce.encode())),
+        inbox_prefix=inbox_prefix(node_id), error_cb=on_error, allow_reconnect=False,
+        connect_timeout=3)

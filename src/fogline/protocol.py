@@ -7,7 +7,7 @@ decoders reject unknown versions and payloads above `MAX_MESSAGE_BYTES`.
 from __future__ import annotations
 
 import re
-from typing import Literal, NewType
+from typing import Annotated, Literal, NewType
 
 import msgspec
 
@@ -23,6 +23,12 @@ Status = Literal["ready", "degraded", "quarantined", "offline", "revoked"]
 STATUSES: tuple[str, ...] = ("ready", "degraded", "quarantined", "offline", "revoked")
 Tier = Literal["device", "near", "far", "cloud"]
 TIERS: tuple[str, ...] = ("device", "near", "far", "cloud")
+AppState = Literal["starting", "running", "restarting", "failed", "stopped"]
+APP_STATES: tuple[str, ...] = ("starting", "running", "restarting", "failed", "stopped")
+# A heartbeat reporting more apps is refused. A longer reason is cut, not refused: an
+# app's error text must never cost its node its liveness at the hub.
+APPS_PER_NODE_MAX = 256
+APP_REASON_CHARS_MAX = 1000
 
 # Node ids become subject tokens: no '.', '*', '>' or whitespace.
 _NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -76,6 +82,24 @@ class Load(msgspec.Struct, frozen=True):
     rss_bytes: int = 0
 
 
+class AppStatus(msgspec.Struct, frozen=True):
+    """One app on a node as its supervisor sees it. `reason` says why it is not running
+    (e.g. "memory limit 256 MB exceeded"); `since_s` is when it entered `state`."""
+
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    version: Annotated[str, msgspec.Meta(max_length=64)]
+    state: AppState
+    restarts: Annotated[int, msgspec.Meta(ge=0)] = 0
+    reason: str = ""
+    since_s: float = 0.0
+
+    def clipped(self) -> AppStatus:
+        """This status with `reason` cut to APP_REASON_CHARS_MAX characters."""
+        if len(self.reason) <= APP_REASON_CHARS_MAX:
+            return self
+        return msgspec.structs.replace(self, reason=self.reason[:APP_REASON_CHARS_MAX - 1] + "…")
+
+
 class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
     node_id: str
     seq: int
@@ -92,6 +116,8 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
     # The node's HLC (ms) at a moment it had no collection op left to upload; 0 if never.
     # The hub's tombstone collection waits for it (see fogline.core.tombstones).
     sync_clean_hlc_ms: int = 0
+    # Every app the node supervises; nodes without apps (or older nodes) send none.
+    apps: Annotated[tuple[AppStatus, ...], msgspec.Meta(max_length=APPS_PER_NODE_MAX)] = ()
     v: int = PROTOCOL_VERSION
 
 

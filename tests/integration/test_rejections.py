@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import time
 from collections.abc import Iterator
@@ -20,8 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from fogline.errors import AuthError, ConfigError
 from fogline.node.identity import EnrollOptions, NodeFiles, enroll
-from fogline.protocol import inbox_prefix
-from tests.fleet import HubProcess, run_hub
+from tests.fleet import HubProcess, connect_as, enrolled_node, run_hub
 
 
 @pytest.fixture(scope="module")
@@ -175,28 +173,6 @@ def test_malformed_json_gets_422_with_a_reason(hub: HubProcess) -> None:
 
 
 # NATS ------------------------------------------------------------------------------
-
-def enrolled_node(hub: HubProcess, directory: Path, name: str) -> tuple[NodeFiles, str]:
-    files = NodeFiles(directory)
-    identity = enroll(files, EnrollOptions(hub_url=hub.url, token=hub.create_token(),
-                                           name=name), {}, time.time())
-    return files, identity.node_id
-
-
-async def connect_as(files: NodeFiles, node_id: str, url: str,
-                     errors: list[Exception] | None = None) -> nats.NATS:
-    seed, jwt = files.nkey(), files.nats_jwt.read_text().strip()
-
-    async def on_error(exc: Exception) -> None:
-        if errors is not None:
-            errors.append(exc)
-
-    return await nats.connect(
-        url, user_jwt_cb=lambda: jwt.encode(),
-        signature_cb=lambda nonce: base64.b64encode(seed.sign(nonce.encode())),
-        inbox_prefix=inbox_prefix(node_id), error_cb=on_error, allow_reconnect=False,
-        connect_timeout=3)
-
 
 def _nats_url_from_enrollment(hub: HubProcess) -> str:
     conf = (hub.data / "nats" / "nats-server.conf").read_text()

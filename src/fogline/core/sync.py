@@ -5,6 +5,9 @@ changed ops out as `FanoutBatch`es on one subject per replica scope. Which repli
 belongs to is decided here, purely: a `global` collection has one replica, a `region`
 collection one per region, a `node` collection one per node (kept on that node and
 backed up at the hub).
+
+Apps declare the collections they use; a node asks the hub to create them with a
+`DeclareCollections` request on its own `declare_subject` and gets a `DeclareResult`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from fogline.errors import ConfigError, ProtocolError
 
 SYNC_VERSION = 1
 MAX_BATCH_BYTES = 512 * 1024
+# One app manifest's worth of declarations, with room to spare.
+DECLARE_DEFS_MAX = 256
+DECLARE_BYTES_MAX = 64 * 1024
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -57,7 +63,24 @@ class Snapshot(msgspec.Struct, frozen=True, tag="snap"):
     v: int = SYNC_VERSION
 
 
-SyncMessage = StateBatch | FanoutBatch | Snapshot
+class DeclareCollections(msgspec.Struct, frozen=True, tag="decl"):
+    """A node asks the hub to create the collections its apps declare."""
+
+    defs: list[CollectionDef]
+    v: int = SYNC_VERSION
+
+
+class DeclareResult(msgspec.Struct, frozen=True, tag="declr"):
+    """The hub's answer: names it created, names that already existed alike, and why
+    the others were refused (each refused definition changed nothing)."""
+
+    created: list[str] = []
+    existing: list[str] = []
+    errors: list[str] = []
+    v: int = SYNC_VERSION
+
+
+SyncMessage = StateBatch | FanoutBatch | Snapshot | DeclareCollections | DeclareResult
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(SyncMessage)
 
@@ -119,3 +142,52 @@ def state_subject(node_id: str) -> str:
 
 def snapshot_subject(node_id: str) -> str:
     return f"fl.node.{node_id}.req.snapshot"
+
+
+def declare_subject(node_id: str) -> str:
+    return f"fl.node.{node_id}.declare"
+
+
+DECLARE_WILDCARD = "fl.node.*.declare"
+
+
+def check_declaration(defs: list[CollectionDef],
+                      known: dict[str, CollectionDef]) -> tuple[list[CollectionDef], list[str],
+                                                                list[str]]:
+    """Plan a declaration against the collections that exist, definition by definition:
+    (to create, names that exist alike, errors). An invalid definition, one that
+    conflicts with an existing collection or one declared twice differently is reported
+    and left out; the rest go ahead, so one app's mistake does not hold back the
+    collections of the node's other apps. Pure; an oversize declaration is refused whole.
+    """
+    if len(defs) > DECLARE_DEFS_MAX:
+        return [], [], [f"{len(defs)} collections in one declaration; at most "
+                        f"{DECLARE_DEFS_MAX}"]
+    wanted: dict[str, CollectionDef] = {}
+    twice: set[str] = set()
+    errors: list[str] = []
+    for d in defs:
+        try:
+            d = check_definition(d.name, d.type, d.scope)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        first = wanted.setdefault(d.name, d)
+        if first != d and d.name not in twice:
+            twice.add(d.name)
+            errors.append(f"collection {d.name!r} is declared both as {first.type}/"
+                          f"{first.scope} and as {d.type}/{d.scope}")
+    create: list[CollectionDef] = []
+    existing: list[str] = []
+    for name, d in wanted.items():
+        if name in twice:
+            continue
+        other = known.get(name)
+        if other is None:
+            create.append(d)
+        elif (other.type, other.scope) == (d.type, d.scope):
+            existing.append(name)
+        else:
+            errors.append(f"collection {name!r} exists as {other.type}/{other.scope}, "
+                          f"not {d.type}/{d.scope}; type and scope cannot change")
+    return create, existing, errors

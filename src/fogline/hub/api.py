@@ -28,7 +28,7 @@ from fogline.hub.collections import CollectionStore
 from fogline.hub.enrollment import Credentials, Enrollment
 from fogline.hub.ingest import list_streams, read_records
 from fogline.hub.store import HubStore
-from fogline.protocol import TIERS
+from fogline.protocol import APP_STATES, TIERS
 
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
@@ -95,6 +95,8 @@ class CredentialsOut(BaseModel):
     nats_urls: list[str]
     expires_at_s: float
     heartbeat_interval_s: float
+    region: str = ""
+    labels: dict[str, str] = {}
 
 
 class RevokeRequest(BaseModel):
@@ -200,7 +202,8 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
         return CredentialsOut(
             node_id=creds.node_id, certificate_pem=creds.certificate_pem,
             ca_pem=creds.ca_pem, nats_jwt=creds.nats_jwt, nats_urls=hub.nats_urls,
-            expires_at_s=creds.expires_at_s, heartbeat_interval_s=hub.heartbeat_interval_s)
+            expires_at_s=creds.expires_at_s, heartbeat_interval_s=hub.heartbeat_interval_s,
+            region=creds.region, labels=creds.labels)
 
     @app.post("/v1/enroll", status_code=201)
     def enroll(body: EnrollRequest) -> CredentialsOut:
@@ -217,6 +220,13 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
     @app.get("/v1/nodes/{node_id}")
     def get_node(node_id: str, _: Admin) -> dict[str, Any]:
         return _public_node(store.get_node(node_id))
+
+    @app.get("/v1/apps")
+    def list_apps(_: Admin, state: str | None = None) -> list[dict[str, Any]]:
+        """Every app on every node, as of each node's latest heartbeat."""
+        if state is not None and state not in APP_STATES:
+            raise HTTPException(422, f"state must be one of {', '.join(APP_STATES)}")
+        return [row for row in store.list_apps() if state is None or row["state"] == state]
 
     @app.post("/v1/nodes/{node_id}/revoke")
     def revoke(node_id: str, body: RevokeRequest, actor: Admin) -> dict[str, Any]:
@@ -270,5 +280,6 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
 
 
 def _public_node(row: dict[str, Any]) -> dict[str, Any]:
+    """A node row as the API shows it; `apps` is a list of AppStatus objects."""
     hidden = {"key_fingerprint", "token_id", "failing_streak", "returns_s", "healthy_since_s"}
     return {k: v for k, v in row.items() if k not in hidden}

@@ -7,6 +7,7 @@ bound to the node's nkey, and records the node in the registry.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import secrets
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ class Credentials:
     ca_pem: str
     nats_jwt: str
     expires_at_s: float
+    # Where the hub placed the node (a token's region and labels apply when the node
+    # gave none), so the node knows what the fleet knows it as.
+    region: str = ""
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _check_nats_key(public_key: str) -> None:
@@ -98,6 +103,7 @@ class Enrollment:
         }
         if not self.store.enroll(token_id, now_s, node):
             raise AuthError("bootstrap token expired or has no uses left")
+        creds = dataclasses.replace(creds, region=node["region"], labels=labels)
         self.store.add_event(now_s, f"token:{token_id}", "node.enrolled", node_id,
                              {"name": request["name"], "region": node["region"],
                               "hub_version": __version__})

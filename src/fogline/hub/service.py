@@ -313,6 +313,8 @@ class Hub:
                 group.create_task(supervise("collection merge", self.sync.run_merge))
                 group.create_task(supervise("stream ingest", ingest.run))
                 group.create_task(supervise("snapshots", self.sync.run_snapshots))
+                group.create_task(supervise("collection declarations",
+                                            self.sync.run_declarations))
                 group.create_task(supervise(
                     "tombstone collection",
                     lambda: self.sync.run_gc(self.config.tombstone_gc_interval_s)))

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from fogline.core.health import NodeHealth
 from fogline.core.tokens import TokenRecord
 from fogline.errors import ConfigError, NotFoundError
+from fogline.protocol import AppStatus
 
 metadata = sa.MetaData()
 
@@ -44,12 +46,14 @@ nodes = sa.Table(
     sa.Column("load", sa.JSON, nullable=False),
     sa.Column("failing_checks", sa.JSON, nullable=False),
     sa.Column("heartbeat_seq", sa.BigInteger, nullable=False, default=0),
-    sa.Column("sync_clean_ms", sa.BigInteger, nullable=False, default=0),
+    sa.Column("sync_clean_ms", sa.BigInteger, nullable=False, default=0, server_default="0"),
     sa.Column("enrolled_at_s", sa.Float, nullable=False),
     sa.Column("token_id", sa.String(32), nullable=False),
     sa.Column("key_fingerprint", sa.String(64), nullable=False),
     sa.Column("nats_public_key", sa.String(64), nullable=False),
     sa.Column("cert_expires_s", sa.Float, nullable=False),
+    # The apps of the node's latest heartbeat (AppStatus as JSON objects).
+    sa.Column("apps", sa.JSON, nullable=False, server_default=sa.text("'[]'")),
 )
 
 tokens = sa.Table(
@@ -103,6 +107,11 @@ def health_values(health: NodeHealth) -> dict[str, Any]:
     }
 
 
+def apps_of(value: Any) -> tuple[AppStatus, ...]:
+    """Stored apps (JSON) back as structs; the hub wrote them, so they are valid."""
+    return msgspec.convert(value or [], tuple[AppStatus, ...])
+
+
 @dataclass(frozen=True)
 class HeartbeatUpdate:
     """What one heartbeat changes in a node's row."""
@@ -115,6 +124,7 @@ class HeartbeatUpdate:
     load: dict[str, float]
     failing_checks: tuple[str, ...]
     sync_clean_ms: int = 0
+    apps: tuple[AppStatus, ...] = ()
 
 
 def upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
@@ -136,6 +146,38 @@ def upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
     else:
         statement = statement.on_conflict_do_nothing(index_elements=keys)
     conn.execute(statement, rows)
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the columns this version defines that an older hub's database lacks.
+
+    `create_all` creates missing tables only, so a column added to an existing table
+    later is added here, with its server default; every such column must therefore be
+    nullable or have a `server_default`. Safe when several hubs start at once: a column
+    another hub just added is skipped. Returns the "table.column" names added.
+    """
+    added: list[str] = []
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if column.primary_key or (not column.nullable and column.server_default is None):
+                raise ConfigError(f"the database lacks {table.name}.{column.name}, which "
+                                  "cannot be added in place; migrate it by hand")
+            spec = sa.schema.CreateColumn(column).compile(dialect=engine.dialect)
+            guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {guard}{spec}"))
+            except sa.exc.OperationalError:
+                # SQLite has no IF NOT EXISTS here: another hub may have won the race.
+                if column.name not in {c["name"] for c in
+                                       sa.inspect(engine).get_columns(table.name)}:
+                    raise
+                continue
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def _engine(url: str) -> Engine:
@@ -163,6 +205,7 @@ class HubStore:
         self.url = url
         self.engine = _engine(url)
         metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -244,17 +287,31 @@ class HubStore:
         with self.engine.connect() as conn:
             return {status: int(count) for status, count in conn.execute(query)}
 
-    def health_by_node(self, node_ids: Iterable[str]) -> dict[str, NodeHealth]:
+    def observed_by_node(
+            self, node_ids: Iterable[str]) -> dict[str, tuple[NodeHealth, tuple[AppStatus, ...]]]:
+        """Health and last reported apps of each given node, what a heartbeat batch is
+        compared against."""
         ids = list(node_ids)
-        result: dict[str, NodeHealth] = {}
-        columns = [nodes.c.id, *(nodes.c[name] for name in _HEALTH_COLUMNS)]
+        result: dict[str, tuple[NodeHealth, tuple[AppStatus, ...]]] = {}
+        columns = [nodes.c.id, nodes.c.apps, *(nodes.c[name] for name in _HEALTH_COLUMNS)]
         with self.engine.connect() as conn:
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 rows = conn.execute(sa.select(*columns).where(nodes.c.id.in_(chunk)))
                 for row in rows.mappings():
-                    result[row["id"]] = health_of(row)
+                    result[row["id"]] = (health_of(row), apps_of(row["apps"]))
         return result
+
+    def list_apps(self) -> list[dict[str, Any]]:
+        """One row per app per node across the fleet, ordered by node then app."""
+        query = sa.select(nodes.c.id, nodes.c.name, nodes.c.status, nodes.c.apps).order_by(
+            nodes.c.region, nodes.c.name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{"node_id": row["id"], "node": row["name"], "node_status": row["status"],
+                 "app": app.name, "version": app.version, "state": app.state,
+                 "restarts": app.restarts, "reason": app.reason, "since_s": app.since_s}
+                for row in rows for app in sorted(apps_of(row["apps"]), key=lambda a: a.name)]
 
     def silent_health(self, now_s: float, missed_heartbeats: int) -> dict[str, NodeHealth]:
         """Health of the live nodes that have been silent for `missed_heartbeats`
@@ -280,11 +337,13 @@ class HubStore:
                      "endpoint": sa.bindparam("b_endpoint"),
                      "load": sa.bindparam("b_load"),
                      "sync_clean_ms": sa.bindparam("b_sync_clean_ms"),
+                     "apps": sa.bindparam("b_apps"),
                      "failing_checks": sa.bindparam("b_failing_checks")}))
         params = [{
             "b_id": u.node_id, "b_seq": u.seq, "b_version": u.version,
             "b_endpoint": u.endpoint, "b_load": u.load,
             "b_failing_checks": list(u.failing_checks), "b_sync_clean_ms": u.sync_clean_ms,
+            "b_apps": msgspec.to_builtins(u.apps),
             **{f"b_{k}": v for k, v in health_values(u.health).items()},
         } for u in updates]
         with self._tx() as conn:

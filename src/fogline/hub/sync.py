@@ -7,11 +7,17 @@ replica, and only then ack. A redelivered batch is fanned out in full, so a hub 
 crashed between commit and fan-out still delivers every change. Each node reads its
 replicas through its own durable consumer on FL_FANOUT, created here when it asks for a
 snapshot, so it resumes exactly where it stopped after any outage.
+
+Nodes may also declare the collections their apps use (`fl.node.<id>.declare`,
+request/reply): the hub creates the missing ones through the same `define` path as the
+API; a definition that is invalid or conflicts with an existing collection is refused
+and changes nothing, the others are created.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 
@@ -32,10 +38,15 @@ from prometheus_client import CollectorRegistry, Counter
 from fogline.clock import Clock
 from fogline.core.crdt import MapOp, Op
 from fogline.core.sync import (
+    DECLARE_BYTES_MAX,
+    DECLARE_WILDCARD,
     CollectionDef,
+    DeclareCollections,
+    DeclareResult,
     FanoutBatch,
     Snapshot,
     StateBatch,
+    check_declaration,
     decode_sync,
     encode_sync,
     fanout_subject,
@@ -43,7 +54,7 @@ from fogline.core.sync import (
     replica_key,
 )
 from fogline.core.tombstones import gc_horizon_ms, marks_in_scope
-from fogline.errors import FoglineError, ProtocolError
+from fogline.errors import ConfigError, FoglineError, ProtocolError
 from fogline.hub.collections import CollectionStore, Located
 from fogline.hub.store import HubStore
 from fogline.protocol import HUB_QUEUE_GROUP, node_id_from_subject
@@ -87,6 +98,10 @@ class SyncMetrics:
         self.rejected = Counter("fogline_hub_collection_ops_rejected_total",
                                 "Ops refused (unknown collection, bad batch)", ["reason"],
                                 registry=registry)
+        self.declarations = Counter("fogline_hub_collection_declarations_total",
+                                    "Collection declarations from nodes (refused: at "
+                                    "least one definition refused)", ["result"],
+                                    registry=registry)
 
 
 class HubSync:
@@ -111,6 +126,64 @@ class HubSync:
         await self.js.publish(fanout_subject("global"),
                               encode_sync(FanoutBatch(defs=[definition])))
         return result
+
+    async def declare(self, node_id: str, data: bytes) -> DeclareResult:
+        """Answer one node's declaration: create the missing collections; refuse, with
+        a reason and without changing anything, each one that is invalid or conflicts
+        with an existing collection (see `check_declaration`)."""
+        try:
+            request = decode_sync(data, DECLARE_BYTES_MAX)
+            if not isinstance(request, DeclareCollections):
+                raise ProtocolError(f"expected a collection declaration, got "
+                                    f"{type(request).__name__}")
+        except ProtocolError as exc:
+            return DeclareResult(errors=[str(exc)])
+        known = await asyncio.to_thread(self.collections.definitions)
+        create, existing, errors = check_declaration(request.defs, known)
+        created: list[CollectionDef] = []
+        for definition in create:
+            try:
+                result = await self.define(definition)
+            except ConfigError as exc:  # another hub or the API defined it otherwise
+                errors.append(str(exc))
+                continue
+            if result == "created":
+                created.append(definition)
+            else:
+                existing.append(definition.name)
+        now_s = self.clock.now()
+        await asyncio.to_thread(self.registry_store.add_events, [
+            {"at_s": now_s, "actor": f"node:{node_id}", "kind": "collection.created",
+             "subject": d.name, "detail": {"type": d.type, "scope": d.scope}}
+            for d in created])
+        return DeclareResult(created=[d.name for d in created], existing=existing,
+                             errors=errors)
+
+    async def run_declarations(self) -> None:
+        async def respond(msg: Msg) -> None:
+            try:
+                node_id = node_id_from_subject(msg.subject)
+                result = await self.declare(node_id, msg.data)
+            except Exception:
+                # No reply: the node times out and retries, the right outcome for a
+                # failure of ours (an error reply would read as a refusal).
+                log.exception("declaration on %s failed", msg.subject)
+                return
+            self.metrics.declarations.labels(
+                result="refused" if result.errors else "accepted").inc()
+            if result.errors:
+                log.warning("declaration from %s refused: %s", node_id,
+                            "; ".join(result.errors)[:2000])
+            if msg.reply:
+                await msg.respond(encode_sync(result))
+
+        subscription = await self.nc.subscribe(DECLARE_WILDCARD, queue=HUB_QUEUE_GROUP,
+                                               cb=respond)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
 
     def _definition(self, name: str) -> CollectionDef | None:
         if name not in self._defs:

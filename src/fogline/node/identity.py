@@ -168,8 +168,9 @@ def enroll(files: NodeFiles, options: EnrollOptions, capabilities: dict[str, Any
     response = _post(f"{options.hub_url}/v1/enroll", body, verify)
     files.save_credentials(response)
     identity = Identity(
-        node_id=response["node_id"], name=options.name, region=options.region,
-        zone=options.zone, tier=options.tier, labels=options.labels,
+        node_id=response["node_id"], name=options.name,
+        region=response.get("region") or options.region, zone=options.zone,
+        tier=options.tier, labels=response.get("labels") or options.labels,
         hub_url=options.hub_url, nats_urls=response["nats_urls"],
         heartbeat_interval_s=response["heartbeat_interval_s"], issued_at_s=now_s,
         expires_at_s=response["expires_at_s"])
