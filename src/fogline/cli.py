@@ -9,13 +9,21 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fogline import __version__
-from fogline.cliutil import HubClient, parse_duration_s, parse_labels, parse_stream_policy
+from fogline.cliutil import (
+    HubClient,
+    parse_duration_s,
+    parse_host_port,
+    parse_labels,
+    parse_stream_policy,
+)
+from fogline.cliviews import apps_table, nodes_table
 from fogline.errors import ConfigError, FoglineError
 from fogline.runtime import run_service
 
@@ -175,6 +183,15 @@ def node(
     stream: Annotated[list[str] | None, typer.Option(
         help="Stream policy, repeatable: NAME:priority=10,bandwidth_bps=50000,"
              "quota_bytes=100000000,overflow=drop-oldest")] = None,
+    app: Annotated[list[Path] | None, typer.Option(
+        "--app", help="App directory with a fogline.yaml, repeatable; served at "
+                      "/{app}/... on --listen")] = None,
+    mqtt: Annotated[str | None, typer.Option(
+        "--mqtt", help="Device MQTT broker URL (mqtt://[user:pass@]host:port); default: "
+                       "an embedded broker when apps run")] = None,
+    mqtt_listen: Annotated[str, typer.Option(
+        help="HOST:PORT of the embedded MQTT broker (port 0: kept across restarts)")] = (
+        "127.0.0.1:0"),
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Run an edge node: enroll on first start, then heartbeat and serve."""
@@ -190,9 +207,12 @@ def node(
             "listen": listen, "nats_url": nats_url, "ca_sha256": ca_hash,
             "heartbeat_interval_s": parse_duration_s(heartbeat_interval)
             if heartbeat_interval else None,
-            "fsync": fsync, "streams": dict(parse_stream_policy(t) for t in stream or [])}
+            "fsync": fsync, "streams": dict(parse_stream_policy(t) for t in stream or []),
+            "apps": [str(d.resolve()) for d in app or []], "mqtt_url": mqtt,
+            "mqtt_listen": mqtt_listen}
         if fsync not in ("normal", "full"):
             raise ConfigError(f"--fsync must be normal or full, not {fsync!r}")
+        _check_node_apps(config)
         enroll_if_needed(config)
     except FoglineError as exc:
         raise _fail(exc) from exc
@@ -201,6 +221,18 @@ def node(
     sys.stderr.flush()
     # Replace this process with the lean agent (see fogline/node/__main__.py).
     os.execv(sys.executable, [sys.executable, "-m", "fogline.node", json.dumps(config)])
+
+
+def _check_node_apps(config: dict[str, Any]) -> None:
+    """Bad app manifests and MQTT URLs stop `fogline node` before it enrolls."""
+    from fogline.clock import SystemClock
+    from fogline.node.apps.manager import NodeApps
+    from fogline.transport.mqtt_link import parse_mqtt_url
+
+    if config["mqtt_url"]:
+        parse_mqtt_url(config["mqtt_url"])
+    parse_host_port(config["mqtt_listen"], "--mqtt-listen")
+    NodeApps(config["apps"], SystemClock())
 
 
 @node_app.command("revoke")
@@ -217,36 +249,6 @@ def node_revoke(
 
 # get ------------------------------------------------------------------------------
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    age = max(0.0, time.time() - seconds)
-    return f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else (
-        f"{age / 3600:.0f}h")
-
-
-_STATUS_STYLE = {"ready": "green", "degraded": "yellow", "quarantined": "magenta",
-                 "offline": "red", "revoked": "dim"}
-
-
-def nodes_table(nodes: list[dict[str, Any]]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for column in ("ID", "NAME", "REGION", "TIER", "STATUS", "LAST SEEN", "VERSION",
-                   "CAPABILITIES", "LABELS"):
-        table.add_column(column)
-    for n in nodes:
-        caps = n["capabilities"]
-        cap_text = (f"{caps.get('cores', '?')} cores, "
-                    f"{caps.get('memory_bytes', 0) / 2**30:.1f} GiB, {caps.get('arch', '?')}"
-                    f"{', gpu' if caps.get('gpu') else ''}")
-        style = _STATUS_STYLE.get(n["status"], "")
-        table.add_row(n["id"], n["name"], n["region"], n["tier"],
-                      f"[{style}]{n['status']}[/{style}]", _age(n["last_seen_s"]),
-                      n["version"], cap_text,
-                      ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items())))
-    return table
-
-
 @get_app.command("nodes")
 def get_nodes(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
               output: OutputOpt = "table") -> None:
@@ -256,6 +258,20 @@ def get_nodes(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
         typer.echo(json.dumps(nodes, indent=2))
     else:
         console.print(nodes_table(nodes))
+
+
+@get_app.command("apps")
+def get_apps(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+             output: OutputOpt = "table",
+             state: Annotated[str | None, typer.Option(
+                 help="Only apps in this state, e.g. failed")] = None) -> None:
+    """Apps across the fleet, as each node last reported them."""
+    path = "/v1/apps" + (f"?state={quote(state)}" if state else "")
+    rows = _hub_request(hub, token, data, "GET", path)
+    if output == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(apps_table(rows))
 
 
 @get_app.command("events")

@@ -23,6 +23,14 @@ def parse_duration_s(text: str) -> float:
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
+def parse_host_port(text: str, option: str) -> tuple[str, int]:
+    """`HOST:PORT` (port 0-65535); ConfigError naming the option otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{option} must be HOST:PORT, e.g. 127.0.0.1:1883; got {text!r}")
+    return host, int(port)
+
+
 def parse_labels(text: str | None) -> dict[str, str]:
     """'k=v,k2=v2' -> {'k': 'v', 'k2': 'v2'}."""
     if not text:

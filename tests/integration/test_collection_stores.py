@@ -165,6 +165,7 @@ async def test_node_local_api_and_its_rejections(tmp_path: Path) -> None:
 
 async def test_a_cancelled_write_never_breaks_the_writer(tmp_path: Path) -> None:
     import asyncio
+    import contextlib
     import threading
 
     from fogline.node.sqlite_writer import GroupCommitWriter
@@ -179,6 +180,9 @@ async def test_a_cancelled_write_never_breaks_the_writer(tmp_path: Path) -> None
             lambda c: c.execute("INSERT INTO t VALUES (1)")))
         await asyncio.sleep(0.01)
         queued.cancel()
+        # Let the cancellation reach the writer's queue entry before it is unblocked.
+        with contextlib.suppress(asyncio.CancelledError):
+            await queued
         gate.set()
         await blocker
         # The writer thread survived and the cancelled write was never done.

@@ -136,10 +136,36 @@ def test_rejects_extra_field(tmp_path: Path, path: str, field: str) -> None:
     ("spec.config", [1, 2], "spec.config"),
     ("spec.requirements", "numpy", "spec.requirements"),
     ("spec.streams", [{"name": "a"}, {"name": "a"}], "spec.streams"),
+    ("spec.limits", {"timeout": "soon"}, "spec.limits.timeout"),
+    ("spec.limits", {"timeout": "2h"}, "spec.limits.timeout"),
+    ("spec.limits", {"timeout": 0}, "spec.limits.timeout"),
+    ("spec.limits", {"memory_mb": 8}, "spec.limits.memory_mb"),
+    ("spec.limits", {"request_body_bytes": 0}, "spec.limits.request_body_bytes"),
+    ("spec.limits", {"request_body_bytes": 10**9}, "spec.limits.request_body_bytes"),
+    ("spec.limits", {"workers": 0}, "spec.limits.workers"),
+    ("spec.limits", {"workers": 1000}, "spec.limits.workers"),
+    ("spec.limits", {"cpu": 1}, "spec.limits.cpu"),
 ])
 def test_rejects_wrong_values(tmp_path: Path, path: str, value: Any, field: str) -> None:
     with pytest.raises(ConfigError, match=rf"fogline\.yaml: {field}: "):
         load_app(write_app(tmp_path, changed(path, value)))
+
+
+def test_limits_default_and_parse_intervals(tmp_path: Path) -> None:
+    manifest, _ = load_app(write_app(tmp_path, changed("spec.limits", {"timeout": "250ms",
+                                                                       "workers": 2})))
+    limits = manifest.spec.limits
+    assert (limits.timeout_s, limits.workers, limits.memory_mb) == (0.25, 2, 256)
+    assert limits.request_body_bytes == 1024 * 1024
+
+
+def test_node_refuses_reserved_names_and_per_app_requirements(tmp_path: Path) -> None:
+    from fogline.node.apps.manager import read_definition
+
+    with pytest.raises(ConfigError, match=r"metadata.name: 'metrics' is reserved"):
+        read_definition(write_app(tmp_path, changed("metadata.name", "metrics")))
+    with pytest.raises(ConfigError, match=r"spec.requirements: per-app environments"):
+        read_definition(write_app(tmp_path, changed("spec.requirements", ["numpy"])))
 
 
 @pytest.mark.parametrize("entrypoint", ["demo_app", "demo_app:", ":app", "demo-app:app",

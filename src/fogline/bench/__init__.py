@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "cold-start": ("fogline.bench.cold_start", "app worker start to first response"),
     "drain": ("fogline.bench.drain", "backlog drain to the hub after a partition"),
     "merge": ("fogline.bench.merge", "hub CRDT merge rate vs pycrdt"),
     "mqtt-choice": ("fogline.bench.mqtt_choice",

@@ -30,8 +30,11 @@ from fogline.clock import Clock, SystemClock
 from fogline.core.outbox import StreamPolicy
 from fogline.errors import AuthError, FoglineError, ProtocolError
 from fogline.node import identity as ident
+from fogline.node.apps.front import AppFront
+from fogline.node.apps.manager import AppsCollector, NodeApps
 from fogline.node.capabilities import current_load
 from fogline.node.collections import NodeCollections
+from fogline.node.declare import declare_collections
 from fogline.node.enroll_once import enroll_if_needed
 from fogline.node.http import NodeState, create_node_app, load_local_token
 from fogline.node.outbox import Outbox
@@ -74,6 +77,11 @@ class NodeConfig:
     fsync: FsyncPolicy = "normal"
     # Stream name -> StreamPolicy fields (priority, bandwidth_bps, quota_bytes, overflow).
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # App directories to run (each with a fogline.yaml).
+    apps: list[str] = field(default_factory=list)
+    # The device-side MQTT broker; None runs the embedded one when apps are configured.
+    mqtt_url: str | None = None
+    mqtt_listen: str = "127.0.0.1:0"
 
 
 class NodeAgent:
@@ -86,9 +94,12 @@ class NodeAgent:
         self._process = psutil.Process()
         self._seq = 0
         self._nc: NatsClient | None = None
-        self._reconnected = asyncio.Event()
+        # Set to send the next heartbeat now (reconnected, an app changed state).
+        self._wake_heartbeat = asyncio.Event()
         self._clean_mark_ms = 0
         self._sender: OutboxSender | None = None
+        # Read manifests now: a bad app stops the node before it enrolls or listens.
+        self.apps = NodeApps(config.apps, self.clock) if config.apps else None
 
     # Identity -----------------------------------------------------------------------
 
@@ -123,7 +134,7 @@ class NodeAgent:
 
         async def on_reconnect() -> None:
             self.state.hub_connected = True
-            self._reconnected.set()
+            self._wake_heartbeat.set()
 
         return await nats.connect(
             servers=urls, name=f"fogline-node-{identity.node_id}",
@@ -176,7 +187,8 @@ class NodeAgent:
             interval_s=self._interval_s(identity), version=__version__,
             load=current_load(self._process), failing_checks=self.failing_checks(),
             uptime_s=self.clock.now() - self.state.started_at_s, endpoint=self.state.endpoint,
-            hub_rtt_ms=self.state.hub_rtt_ms, sync_clean_hlc_ms=self._clean_mark_ms)
+            hub_rtt_ms=self.state.hub_rtt_ms, sync_clean_hlc_ms=self._clean_mark_ms,
+            apps=self.apps.statuses() if self.apps is not None else ())
 
     async def _link_session(self, identity: ident.Identity) -> ident.Identity:
         """One NATS connection: heartbeat until it closes or credentials were renewed.
@@ -187,8 +199,7 @@ class NodeAgent:
         nc = await self._connect_with_retry(identity)
         self._nc = nc
         self.state.hub_connected = True
-        sync = asyncio.create_task(NodeSync(self.collections, nc, identity.node_id,
-                                            self.clock).run())
+        sync = asyncio.create_task(self._sync(nc, identity))
         if self._sender is None:  # one sender (and one set of metrics) per process
             self._sender = OutboxSender(self.outbox, nc.jetstream(timeout=5),
                                         identity.node_id, self.clock,
@@ -205,10 +216,10 @@ class NodeAgent:
                     renewed = await self._try_renew(identity)
                     if renewed is not None:
                         return renewed
-                # Wake early on reconnect: the hub learns the node is back at once.
-                self._reconnected.clear()
+                # Wake early on reconnect or an app's change: the hub learns at once.
+                self._wake_heartbeat.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._reconnected.wait(), interval_s)
+                    await asyncio.wait_for(self._wake_heartbeat.wait(), interval_s)
             if nc.is_closed and "revoked" in str(nc.last_error).lower():
                 self._mark_revoked(str(nc.last_error))
             return identity
@@ -220,6 +231,24 @@ class NodeAgent:
                     await task
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _sync(self, nc: NatsClient, identity: ident.Identity) -> None:
+        """Collection sync; first the hub learns the collections this node's apps declare
+        (it drops ops for collections it does not know)."""
+        declared = self.apps.declared_collections() if self.apps is not None else []
+        delay_s = 0.5
+        while declared:
+            try:
+                result = await declare_collections(nc, identity.node_id, declared)
+            except FoglineError as exc:
+                log.info("declaring app collections at the hub: %s; retrying", exc)
+                await self.clock.sleep(delay_s)
+                delay_s = min(delay_s * 2, RECONNECT_BACKOFF_MAX_S)
+                continue
+            for error in result.errors:
+                log.error("the hub refused an app collection: %s", error)
+            break
+        await NodeSync(self.collections, nc, identity.node_id, self.clock).run()
 
     async def _send_heartbeat(self, nc: NatsClient, identity: ident.Identity) -> None:
         started_s = self.clock.monotonic()
@@ -279,35 +308,59 @@ class NodeAgent:
         local_token = load_local_token(self.config.data_dir)
         collections: list[NodeCollections] = []
         outboxes: list[Outbox] = []
-        app = create_node_app(self.state, lambda: collections[0] if collections else None,
-                              local_token, lambda: outboxes[0] if outboxes else None)
-        async with serve_http(app, host, int(port)) as bound:
+        node_app = create_node_app(self.state, lambda: collections[0] if collections else None,
+                                   local_token, lambda: outboxes[0] if outboxes else None,
+                                   lambda: self.apps)
+        app: Any = node_app
+        if self.apps is not None:
+            apps = self.apps
+            self.state.registry.register(AppsCollector(lambda: apps))
+            app = AppFront(node_app, lambda: apps.supervisors)
+            apps.on_change = lambda _: self._wake_heartbeat.set()
+        async with contextlib.AsyncExitStack() as stack:
+            bound = await stack.enter_async_context(serve_http(app, host, int(port)))
             self.state.endpoint = f"http://{host}:{bound}"
             identity = await self._identity()
             self.collections = NodeCollections(self.config.data_dir / "state.db",
                                                identity.node_id, self.clock,
                                                self.config.fsync)
+            stack.callback(self.collections.close)
             # Emits work from here on, hub or no hub: they wait in the outbox.
             policies = {name: StreamPolicy(**fields)
                         for name, fields in self.config.streams.items()}
             self.outbox = Outbox(self.config.data_dir / "outbox.db", self.clock, policies,
                                  fsync=self.config.fsync, registry=self.state.registry)
+            stack.callback(self.outbox.close)
             collections.append(self.collections)
             outboxes.append(self.outbox)
             self.state.node_id = identity.node_id
             self.state.name = identity.name
             self.state.region = identity.region
+            if self.apps is not None:
+                await self._start_apps(stack, identity)
             write_endpoint = self.config.data_dir / "endpoint"
             write_endpoint.write_text(self.state.endpoint + "\n")
             self.ready.set()
             log.info("node %s (%s) serving on %s", identity.node_id, identity.name,
                      self.state.endpoint)
-            try:
-                await self._hub_link(identity)
-                # Revoked: keep serving local endpoints (they report the revocation)
-                # until the operator stops the process.
-                await asyncio.Event().wait()
-            finally:
-                self.collections.close()
-                self.outbox.close()
+            await self._hub_link(identity)
+            # Revoked: keep serving local endpoints (they report the revocation)
+            # until the operator stops the process.
+            await asyncio.Event().wait()
 
+    async def _start_apps(self, stack: contextlib.AsyncExitStack,
+                          identity: ident.Identity) -> None:
+        assert self.apps is not None
+        mqtt_url = self.config.mqtt_url
+        if mqtt_url is None:
+            from fogline.transport.mqtt_broker import open_mqtt_broker
+
+            broker = await stack.enter_async_context(open_mqtt_broker(
+                self.config.data_dir / "mqtt", self.config.mqtt_listen))
+            mqtt_url = broker.url
+        self.state.mqtt_url = mqtt_url
+        (self.config.data_dir / "mqtt.url").write_text(mqtt_url + "\n")
+        node = {"id": identity.node_id, "region": identity.region, "tier": identity.tier,
+                "labels": dict(identity.labels)}
+        await self.apps.start(self.collections, self.outbox, node, mqtt_url)
+        stack.push_async_callback(self.apps.stop)

@@ -29,7 +29,7 @@ from fogline.core.crdt import (
     merge_map,
 )
 from fogline.core.hlc import Hlc, HybridLogicalClock
-from fogline.core.sync import CollectionDef
+from fogline.core.sync import CollectionDef, check_definition
 from fogline.errors import ConfigError, NotFoundError, ProtocolError
 from fogline.node.sqlite_writer import FsyncPolicy, GroupCommitWriter
 
@@ -70,6 +70,68 @@ def encode_value(value: Any) -> bytes:
 
 def decode_value(data: bytes) -> Any:
     return msgspec.msgpack.decode(data)
+
+
+# Reads on a connection: the node's own Collection and app workers' read-only view of
+# state.db both use these, so the two can never disagree on what a value is.
+
+def read_map_row(conn: sqlite3.Connection, name: str, key: str) -> MapOp | None:
+    """The key's current op, tombstone included (its timestamp guards compare-and-put)."""
+    row = conn.execute("SELECT op FROM map WHERE collection=? AND key=?",
+                       (name, key)).fetchone()
+    return _map_decoder.decode(row[0]) if row else None
+
+
+def read_map_get(conn: sqlite3.Connection, name: str, key: str, default: Any = None) -> Any:
+    row = conn.execute("SELECT op FROM map WHERE collection=? AND key=? AND deleted=0",
+                       (name, key)).fetchone()
+    if row is None:
+        return default
+    op = _map_decoder.decode(row[0])
+    return decode_value(op.value) if op.value is not None else default
+
+
+def read_map_items(conn: sqlite3.Connection, name: str, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = conn.execute(
+        "SELECT key, op FROM map WHERE collection=? AND deleted=0 AND key >= ? "
+        "AND key < ? ORDER BY key", (name, prefix, prefix + "\U0010ffff")).fetchall()
+    return [(key, decode_value(_map_decoder.decode(op).value)) for key, op in rows]
+
+
+def read_contains(conn: sqlite3.Connection, name: str, elem: bytes) -> bool:
+    return conn.execute("SELECT 1 FROM set_add WHERE collection=? AND elem=? LIMIT 1",
+                        (name, elem)).fetchone() is not None
+
+
+def read_definition(conn: sqlite3.Connection, name: str) -> CollectionDef:
+    row = conn.execute("SELECT name, type, scope FROM defs WHERE name=?", (name,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"collection {name!r} is not defined on this node; create "
+                            "it at the hub (fogline collection create)")
+    return CollectionDef(*row)
+
+
+def read_state(conn: sqlite3.Connection, definition: CollectionDef) -> CollectionState:
+    name = definition.name
+    state = CollectionState(definition.type)
+    ops: list[Op] = [_map_decoder.decode(r[0]) for r in conn.execute(
+        "SELECT op FROM map WHERE collection=?", (name,))]
+    ops += [CounterOp(*r) for r in conn.execute(
+        "SELECT node, p, n FROM counter WHERE collection=?", (name,))]
+    ops += [SetAddOp(elem, _hlc_decoder.decode(tag)) for tag, elem in conn.execute(
+        "SELECT tag, elem FROM set_add WHERE collection=?", (name,))]
+    for op in ops:
+        state.apply(op)
+    return state
+
+
+def decoded_value(definition: CollectionDef, state: CollectionState) -> Any:
+    """A collection's whole value with map values and set elements decoded."""
+    if definition.type == "set":
+        return {decode_value(e) for e in state.value()}  # type: ignore[union-attr]
+    if definition.type == "map":
+        return {k: decode_value(v) for k, v in state.value().items()}  # type: ignore[union-attr]
+    return state.value()
 
 
 @dataclass(frozen=True)
@@ -148,17 +210,32 @@ class NodeCollections:
     # Definitions --------------------------------------------------------------------
 
     def definition(self, name: str) -> CollectionDef:
-        row = self.writer.read(lambda c: c.execute(
-            "SELECT name, type, scope FROM defs WHERE name=?", (name,)).fetchone())
-        if row is None:
-            raise NotFoundError(f"collection {name!r} is not defined on this node; create "
-                                "it at the hub (fogline collection create)")
-        return CollectionDef(*row)
+        return self.writer.read(lambda c: read_definition(c, name))
 
     def definitions(self) -> list[CollectionDef]:
         rows = self.writer.read(lambda c: c.execute("SELECT name, type, scope FROM defs "
                                                     "ORDER BY name").fetchall())
         return [CollectionDef(*row) for row in rows]
+
+    async def define_local(self, defs: list[CollectionDef]) -> None:
+        """Define the collections an app declares that this node does not know yet, so
+        the app can write while the hub is unreachable (the hub is asked to create the
+        same ones, see fogline.node.declare). All or nothing: raises ConfigError naming
+        the collection if one is invalid or known here with another type or scope."""
+        checked = [check_definition(d.name, d.type, d.scope) for d in defs]
+
+        def run(conn: sqlite3.Connection) -> None:
+            for d in checked:
+                row = conn.execute("SELECT type, scope FROM defs WHERE name=?",
+                                   (d.name,)).fetchone()
+                if row is not None and tuple(row) != (d.type, d.scope):
+                    raise ConfigError(f"collection {d.name!r} is defined on this node as "
+                                      f"{row[0]}/{row[1]}, not {d.type}/{d.scope}; type "
+                                      "and scope cannot change")
+                conn.execute("INSERT OR IGNORE INTO defs VALUES (?,?,?)",
+                             (d.name, d.type, d.scope))
+
+        await self.writer.submit(run)  # an error rolls the whole call back
 
     # Writes -------------------------------------------------------------------------
 
@@ -271,20 +348,7 @@ class NodeCollections:
 
     def state(self, name: str) -> CollectionState:
         definition = self.definition(name)
-        state = CollectionState(definition.type)
-
-        def rows(conn: sqlite3.Connection) -> list[Op]:
-            ops: list[Op] = [_map_decoder.decode(r[0]) for r in conn.execute(
-                "SELECT op FROM map WHERE collection=?", (name,))]
-            ops += [CounterOp(*r) for r in conn.execute(
-                "SELECT node, p, n FROM counter WHERE collection=?", (name,))]
-            ops += [SetAddOp(elem, _hlc_decoder.decode(tag)) for tag, elem in conn.execute(
-                "SELECT tag, elem FROM set_add WHERE collection=?", (name,))]
-            return ops
-
-        for op in self.writer.read(rows):
-            state.apply(op)
-        return state
+        return self.writer.read(lambda c: read_state(c, definition))
 
     def _notify(self, changes: list[Change]) -> None:
         for watcher in list(self._watchers):
@@ -308,7 +372,11 @@ class NodeCollections:
 
 
 class Collection:
-    """The local API of one collection (what apps get from `ctx.collection(name)`)."""
+    """The local API of one collection (what apps get from `ctx.collection(name)`).
+
+    The `*_encoded` writes take values already encoded with `encode_value`: app workers
+    encode in their own process and the node applies the bytes as they are.
+    """
 
     def __init__(self, store: NodeCollections, definition: CollectionDef) -> None:
         self.store = store
@@ -320,27 +388,41 @@ class Collection:
             raise ConfigError(f"collection {self.name!r} is a {self.definition.type}, "
                               f"not a {kind}")
 
-    def _current_map(self, conn: sqlite3.Connection, key: str) -> MapOp | None:
-        row = conn.execute("SELECT op FROM map WHERE collection=? AND key=?",
-                           (self.name, key)).fetchone()
-        return _map_decoder.decode(row[0]) if row else None
-
     # map
     async def put(self, key: str, value: Any) -> None:
+        await self.put_encoded(key, encode_value(value))
+
+    async def put_encoded(self, key: str, data: bytes) -> None:
         self._require("map")
-        data = encode_value(value)
 
         def make(conn: sqlite3.Connection) -> Op:
-            current = self._current_map(conn, key)
+            current = read_map_row(conn, self.name, key)
             return MapOp(key, self.store.hlc.now(), data, current.ts if current else None)
 
         await self.store.write(self.name, make)
+
+    async def compare_and_put(self, key: str, expected: Hlc | None, data: bytes) -> bool:
+        """Write `data` only if the key's op is still the one stamped `expected` (None:
+        never written); False, writing nothing, if another write came first."""
+        self._require("map")
+        matched: list[bool] = []
+
+        def make(conn: sqlite3.Connection) -> Op | None:
+            current = read_map_row(conn, self.name, key)
+            ts = current.ts if current else None
+            if ts != expected:
+                return None
+            matched.append(True)
+            return MapOp(key, self.store.hlc.now(), data, ts)
+
+        await self.store.write(self.name, make)
+        return bool(matched)
 
     async def delete(self, key: str) -> None:
         self._require("map")
 
         def make(conn: sqlite3.Connection) -> Op | None:
-            current = self._current_map(conn, key)
+            current = read_map_row(conn, self.name, key)
             if current is None or current.value is None:
                 return None
             return MapOp(key, self.store.hlc.now(), None, current.ts)
@@ -353,7 +435,7 @@ class Collection:
         result: list[Any] = []
 
         def make(conn: sqlite3.Connection) -> Op:
-            current = self._current_map(conn, key)
+            current = read_map_row(conn, self.name, key)
             old = decode_value(current.value) if current and current.value else None
             result.append(fn(old))
             return MapOp(key, self.store.hlc.now(), encode_value(result[0]),
@@ -364,24 +446,17 @@ class Collection:
 
     def get(self, key: str, default: Any = None) -> Any:
         self._require("map")
-        row = self.store.writer.read(lambda c: c.execute(
-            "SELECT op FROM map WHERE collection=? AND key=? AND deleted=0",
-            (self.name, key)).fetchone())
-        if row is None:
-            return default
-        op = _map_decoder.decode(row[0])
-        return decode_value(op.value) if op.value is not None else default
+        return self.store.writer.read(lambda c: read_map_get(c, self.name, key, default))
 
     def items(self, prefix: str = "") -> list[tuple[str, Any]]:
         self._require("map")
-        rows = self.store.writer.read(lambda c: c.execute(
-            "SELECT key, op FROM map WHERE collection=? AND deleted=0 AND key >= ? "
-            "AND key < ? ORDER BY key", (self.name, prefix, prefix + "\U0010ffff")).fetchall())
-        return [(key, decode_value(_map_decoder.decode(op).value)) for key, op in rows]
+        return self.store.writer.read(lambda c: read_map_items(c, self.name, prefix))
 
     # counter
     async def incr(self, amount: int = 1) -> None:
         self._require("counter")
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise ConfigError(f"counter amount must be an integer, got {amount!r}")
         node = self.store.node_id
 
         def make(conn: sqlite3.Connection) -> Op:
@@ -396,22 +471,21 @@ class Collection:
         await self.incr(-amount)
 
     def value(self) -> Any:
-        state = self.store.state(self.name)
-        if self.definition.type == "set":
-            return {decode_value(e) for e in state.value()}  # type: ignore[union-attr]
-        if self.definition.type == "map":
-            return {k: decode_value(v) for k, v in state.value().items()}  # type: ignore[union-attr]
-        return state.value()
+        return decoded_value(self.definition, self.store.state(self.name))
 
     # set
     async def add(self, elem: Any) -> None:
+        await self.add_encoded(encode_value(elem))
+
+    async def add_encoded(self, data: bytes) -> None:
         self._require("set")
-        data = encode_value(elem)
         await self.store.write(self.name, lambda conn: SetAddOp(data, self.store.hlc.now()))
 
     async def remove(self, elem: Any) -> None:
+        await self.remove_encoded(encode_value(elem))
+
+    async def remove_encoded(self, data: bytes) -> None:
         self._require("set")
-        data = encode_value(elem)
 
         def make(conn: sqlite3.Connection) -> Op | None:
             tags = tuple(sorted(_hlc_decoder.decode(r[0]) for r in conn.execute(
@@ -423,6 +497,4 @@ class Collection:
     def contains(self, elem: Any) -> bool:
         self._require("set")
         data = encode_value(elem)
-        return self.store.writer.read(lambda c: c.execute(
-            "SELECT 1 FROM set_add WHERE collection=? AND elem=? LIMIT 1",
-            (self.name, data)).fetchone()) is not None
+        return self.store.writer.read(lambda c: read_contains(c, self.name, data))

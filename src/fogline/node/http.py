@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
@@ -26,6 +26,9 @@ from fogline.errors import ConfigError, FoglineError, NotFoundError, ProtocolErr
 from fogline.fsutil import write_private
 from fogline.node.collections import NodeCollections
 from fogline.node.outbox import Outbox
+
+if TYPE_CHECKING:
+    from fogline.node.apps.manager import NodeApps
 
 
 def load_local_token(data_dir: Path) -> str:
@@ -53,6 +56,7 @@ class NodeState:
     last_heartbeat_s: float = 0.0
     renewals: int = 0
     hub_rtt_ms: float = 0.0
+    mqtt_url: str = ""
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
@@ -162,10 +166,37 @@ def stream_routes(get_outbox: Callable[[], Outbox | None], local_token: str) -> 
             Route("/local/streams/{stream}", streams_endpoint, methods=["POST"])]
 
 
+def app_routes(get_apps: Callable[[], NodeApps | None], local_token: str) -> list[Route]:
+    """`GET /local/apps` lists the apps' status and counters; `POST
+    /local/apps/{name}/reload` re-reads an app's manifest and replaces its workers."""
+
+    async def apps_endpoint(request: Request) -> JSONResponse:
+        header = request.headers.get("authorization", "")
+        if not hmac.compare_digest(header, f"Bearer {local_token}"):
+            return _error(401, "local token required")
+        apps = get_apps()
+        if apps is None:
+            return JSONResponse([])
+        name = request.path_params.get("name")
+        if name is None:
+            return JSONResponse([{**msgspec.to_builtins(s.status()),
+                                  "stats": msgspec.structs.asdict(s.stats())}
+                                 for s in apps.supervisors.values()])
+        try:
+            status = await apps.reload(name)
+        except ConfigError as exc:
+            return _error(422, str(exc))
+        return JSONResponse(msgspec.to_builtins(status))
+
+    return [Route("/local/apps", apps_endpoint),
+            Route("/local/apps/{name}/reload", apps_endpoint, methods=["POST"])]
+
+
 def create_node_app(state: NodeState,
                     get_collections: Callable[[], NodeCollections | None] = lambda: None,
                     local_token: str = "",
-                    get_outbox: Callable[[], Outbox | None] = lambda: None) -> Starlette:
+                    get_outbox: Callable[[], Outbox | None] = lambda: None,
+                    get_apps: Callable[[], NodeApps | None] = lambda: None) -> Starlette:
     registry = state.registry
     Gauge("fogline_node_hub_connected", "1 while the NATS link to the hub is up",
           registry=registry).set_function(lambda: float(state.hub_connected))
@@ -183,6 +214,10 @@ def create_node_app(state: NodeState,
             "heartbeats_sent": state.heartbeats_sent, "hub_rtt_ms": state.hub_rtt_ms,
             "last_heartbeat_s": state.last_heartbeat_s, "version": __version__,
         }
+        apps = get_apps()
+        if apps is not None:
+            body["apps"] = [msgspec.to_builtins(status) for status in apps.statuses()]
+            body["mqtt_url"] = state.mqtt_url
         return JSONResponse(body, status_code=200 if not state.revoked else 503)
 
     async def metrics(_request: Request) -> Response:
@@ -192,4 +227,5 @@ def create_node_app(state: NodeState,
     if local_token:
         routes += local_routes(get_collections, local_token)
         routes += stream_routes(get_outbox, local_token)
+        routes += app_routes(get_apps, local_token)
     return Starlette(routes=routes)

@@ -17,6 +17,11 @@ spec:
     - {name: summaries, priority: 5, bandwidth_bps: 50000, quota_bytes: 10000000,
        overflow: block}               # all but name optional; see core.outbox.StreamPolicy
   config: {summary_every_samples: 100}   # any mapping; handlers read it as ctx.config
+  limits:                             # all optional; the defaults are shown
+    timeout: 10s                      # a handler running longer gets 504 / is cancelled
+    memory_mb: 256                    # a worker above this RSS is replaced
+    request_body_bytes: 1048576       # larger request bodies get 413
+    workers: 1                        # worker processes serving the app's routes
   requirements: []                    # optional pip requirement strings (see below)
 ```
 
@@ -25,18 +30,12 @@ Unknown fields are errors (a typo must not be silently ignored), and every error
 ...`). `requirements` are pip requirement strings the runtime installs into a per-app
 virtual environment; an app without them runs on the node's own interpreter.
 
-`load_app` imports the entrypoint under a unique module name with the app directory on
-`sys.path` only while importing, so two apps with a module of the same name (or two
-versions of one app) do not see each other's code.
+`load_app` validates the manifest and imports the entrypoint (see `loader`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import re
-import sys
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,19 +43,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fogline.app import App
+from fogline.core.approutes import parse_interval
 from fogline.core.crdt import CollectionType, Scope
 from fogline.core.outbox import DEFAULT_QUOTA_BYTES, Overflow, StreamPolicy
 from fogline.errors import ConfigError
+from fogline.node.apps.loader import import_entrypoint
 
 MANIFEST_FILE = "fogline.yaml"
 MANIFEST_BYTES_MAX = 1024 * 1024
 REQUIREMENTS_MAX = 200
+DEFAULT_TIMEOUT = "10s"
+TIMEOUT_S_MAX = 3600.0
+REQUEST_BODY_BYTES_MAX = 32 * 1024 * 1024
+WORKERS_MAX = 64
 
 _NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 _RESOURCE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # as core.sync checks collection names
 _ENTRYPOINT = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
-_import_lock = threading.Lock()
-_import_counter = itertools.count(1)
 
 
 class _Model(BaseModel):
@@ -85,12 +88,35 @@ class StreamSpec(_Model):
         return StreamPolicy(self.priority, self.bandwidth_bps, self.quota_bytes, self.overflow)
 
 
+class Limits(_Model):
+    timeout: str | float = DEFAULT_TIMEOUT
+    memory_mb: int = Field(default=256, ge=32, le=1024 * 1024)
+    request_body_bytes: int = Field(default=1024 * 1024, gt=0, le=REQUEST_BODY_BYTES_MAX)
+    workers: int = Field(default=1, ge=1, le=WORKERS_MAX)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: str | float) -> str | float:
+        try:
+            seconds = parse_interval(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        if seconds > TIMEOUT_S_MAX:
+            raise ValueError(f"must be at most {TIMEOUT_S_MAX:.0f}s")
+        return value
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_interval(self.timeout)
+
+
 class AppSpec(_Model):
     entrypoint: str
     collections: list[CollectionSpec] = []
     streams: list[StreamSpec] = []
     config: dict[str, Any] = {}
     requirements: list[str] = Field(default=[], max_length=REQUIREMENTS_MAX)
+    limits: Limits = Limits()
 
     @field_validator("entrypoint")
     @classmethod
@@ -159,65 +185,11 @@ def read_manifest(directory: Path) -> AppManifest:
     return parse_manifest(data, str(path))
 
 
-def _inside(file: str | None, directory: Path) -> bool:
-    return file is not None and Path(file).resolve().is_relative_to(directory)
-
-
-def _import_entrypoint(directory: Path, module_name: str) -> Any:
-    """Import `module_name` from `directory` only, under a fresh unique name."""
-    parts = module_name.split(".")
-    base = directory.joinpath(*parts)
-    candidates = [base.with_suffix(".py"), base / "__init__.py"]
-    location = next((c for c in candidates if c.is_file()), None)
-    if location is None:
-        raise FileNotFoundError(f"no module {module_name!r} in {directory}")
-    unique = f"_fogline_app_{next(_import_counter)}_{parts[-1]}"
-    with _import_lock:
-        # The app directory is on sys.path only while its entrypoint imports, so its
-        # sibling modules resolve; afterwards they leave sys.modules again (the
-        # entrypoint keeps its references), so another app's `helpers` is its own.
-        before = set(sys.modules)
-        sys.path.insert(0, str(directory))
-        try:
-            spec = importlib.util.spec_from_file_location(
-                unique, location,
-                submodule_search_locations=[str(location.parent)]
-                if location.name == "__init__.py" else None)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot load {location}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[unique] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(unique, None)
-                raise
-            return module
-        finally:
-            if str(directory) in sys.path:
-                sys.path.remove(str(directory))
-            for name in set(sys.modules) - before - {unique}:
-                if _inside(getattr(sys.modules[name], "__file__", None), directory):
-                    del sys.modules[name]
-
-
 def load_app(directory: Path | str) -> tuple[AppManifest, App]:
     """The validated manifest and the `App` of an app directory; ConfigError if the
     manifest is bad, the entrypoint cannot be imported or is not the named App."""
     root = Path(directory).resolve()
     manifest = read_manifest(root)
     source = f"{root / MANIFEST_FILE}: spec.entrypoint"
-    module_name, attribute = manifest.spec.entrypoint.split(":")
-    try:
-        module = _import_entrypoint(root, module_name)
-    except Exception as exc:  # user code: any import-time failure is a config problem
-        raise ConfigError(f"{source}: cannot import {module_name!r}: "
-                          f"{type(exc).__name__}: {exc}") from exc
-    app = getattr(module, attribute, None)
-    if not isinstance(app, App):
-        raise ConfigError(f"{source}: {manifest.spec.entrypoint!r} is "
-                          f"{type(app).__name__}, not a fogline App")
-    if app.name != manifest.metadata.name:
-        raise ConfigError(f"{source}: the App is named {app.name!r} but metadata.name is "
-                          f"{manifest.metadata.name!r}")
+    app = import_entrypoint(root, manifest.spec.entrypoint, manifest.metadata.name, source)
     return manifest, app

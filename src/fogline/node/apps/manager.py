@@ -1,0 +1,174 @@
+"""The apps of one node: read their manifests, prepare what they declare, supervise them.
+
+Before an app's workers start, the collections it declares are defined locally (so it
+can write with the hub unreachable; the agent asks the hub to create them once it is
+reachable) and its streams get their policies in the node's outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fogline.clock import Clock
+from fogline.core.outbox import StreamPolicy
+from fogline.core.supervision import RestartPolicy
+from fogline.core.sync import CollectionDef
+from fogline.errors import ConfigError
+from fogline.node.apps.front import RESERVED_NAMES
+from fogline.node.apps.host import AppServices
+from fogline.node.apps.supervisor import AppDefinition, AppLimits, AppSupervisor
+from fogline.node.collections import NodeCollections
+from fogline.node.outbox import Outbox
+from fogline.protocol import AppStatus
+
+log = logging.getLogger("fogline.node.apps")
+
+
+def read_definition(directory: Path | str) -> tuple[AppDefinition, list[CollectionDef],
+                                                     dict[str, StreamPolicy]]:
+    """Validate `DIR/fogline.yaml` (ConfigError naming file and field) and return what the
+    node needs to run the app."""
+    # pydantic and YAML load only on nodes that run apps.
+    from fogline.node.apps.manifest import read_manifest
+
+    root = Path(directory).resolve()
+    manifest = read_manifest(root)
+    spec = manifest.spec
+    name = manifest.metadata.name
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"{root / 'fogline.yaml'}: metadata.name: {name!r} is reserved for "
+                          f"the node's own endpoints ({', '.join(sorted(RESERVED_NAMES))})")
+    if spec.requirements:
+        raise ConfigError(f"{root / 'fogline.yaml'}: spec.requirements: per-app "
+                          "environments are not supported yet; install them into the "
+                          "node's environment and leave this empty")
+    limits = AppLimits(spec.limits.timeout_s, spec.limits.memory_mb,
+                       spec.limits.request_body_bytes, spec.limits.workers)
+    definition = AppDefinition(
+        name=name, version=manifest.metadata.version, directory=root,
+        entrypoint=spec.entrypoint, config=dict(spec.config),
+        collections={c.name: c.type for c in spec.collections},
+        streams=frozenset(s.name for s in spec.streams), limits=limits)
+    defs = [CollectionDef(c.name, c.type, c.scope) for c in spec.collections]
+    return definition, defs, {s.name: s.policy() for s in spec.streams}
+
+
+class NodeApps:
+    def __init__(self, directories: Iterable[Path | str], clock: Clock,
+                 policy: RestartPolicy | None = None) -> None:
+        self.clock = clock
+        self.policy = policy
+        self.loaded = [read_definition(d) for d in directories]
+        names = [definition.name for definition, _, _ in self.loaded]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"two app directories define the same app: {', '.join(repeated)}")
+        self.supervisors: dict[str, AppSupervisor] = {}
+        self.on_change: Callable[[AppSupervisor], None] | None = None
+        self._collections: NodeCollections | None = None
+        self._outbox: Outbox | None = None
+        self._context: dict[str, Any] = {}
+
+    def declared_collections(self) -> list[CollectionDef]:
+        return [d for _, defs, _ in self.loaded for d in defs]
+
+    async def start(self, collections: NodeCollections, outbox: Outbox, node: dict[str, Any],
+                    mqtt_url: str | None) -> None:
+        self._collections, self._outbox = collections, outbox
+        self._context = {"node": node, "mqtt_url": mqtt_url}
+        for definition, defs, streams in self.loaded:
+            await self._prepare(defs, streams)
+            self._start(definition)
+
+    async def _prepare(self, defs: list[CollectionDef],
+                       streams: dict[str, StreamPolicy]) -> None:
+        assert self._collections is not None and self._outbox is not None
+        await self._collections.define_local(defs)
+        self._outbox.policies.update(streams)
+
+    def _start(self, definition: AppDefinition) -> None:
+        assert self._collections is not None and self._outbox is not None
+        collections, outbox = self._collections, self._outbox
+        services = AppServices(definition.name, definition.collections, definition.streams,
+                               lambda: collections, lambda: outbox)
+        supervisor = AppSupervisor(definition, services, self._context["node"],
+                                   collections.writer.path.resolve(), self._context["mqtt_url"],
+                                   self.clock, self.policy)
+        supervisor.on_change = self._changed
+        self.supervisors[definition.name] = supervisor
+        supervisor.start()
+
+    def _changed(self, supervisor: AppSupervisor) -> None:
+        if self.on_change is not None:
+            self.on_change(supervisor)
+
+    async def reload(self, name: str) -> AppStatus:
+        """Re-read the app's manifest and replace its workers; ConfigError (the running
+        workers untouched) if the manifest no longer validates."""
+        supervisor = self.supervisors.get(name)
+        if supervisor is None:
+            raise ConfigError(f"no app {name!r} on this node")
+        definition, defs, streams = read_definition(supervisor.definition.directory)
+        if definition.name != name:
+            raise ConfigError(f"{definition.directory}: metadata.name changed from {name!r} "
+                              f"to {definition.name!r}; restart the node to rename an app")
+        await self._prepare(defs, streams)
+        self.loaded = [entry if entry[0].name != name else (definition, defs, streams)
+                       for entry in self.loaded]
+        if definition.limits.workers == supervisor.definition.limits.workers:
+            await supervisor.reload(definition)
+        else:
+            await supervisor.stop()
+            self._start(definition)
+        return self.supervisors[name].status()
+
+    def statuses(self) -> tuple[AppStatus, ...]:
+        return tuple(s.status() for s in self.supervisors.values())
+
+    async def wait_running(self, timeout_s: float = 30.0) -> None:
+        await asyncio.gather(*(s.wait_running(timeout_s) for s in self.supervisors.values()))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
+
+
+class AppsCollector(Collector):
+    """Per-app counters and state for the node's /metrics."""
+
+    COUNTERS = (("requests", "HTTP requests served by the app"),
+                ("errors", "HTTP responses with a 5xx status from the app"),
+                ("timeouts", "handler runs stopped at the app's timeout"),
+                ("messages", "device messages received for the app"),
+                ("malformed", "device messages dropped as malformed for the codec"),
+                ("handler_errors", "topic and schedule handler runs that raised"),
+                ("schedule_runs", "schedule handler runs"))
+
+    def __init__(self, apps: Callable[[], NodeApps | None]) -> None:
+        self._apps = apps
+
+    def collect(self) -> Iterator[Any]:
+        apps = self._apps()
+        supervisors = list(apps.supervisors.values()) if apps else []
+        families = {name: CounterMetricFamily(f"fogline_app_{name}", help_text, labels=["app"])
+                    for name, help_text in self.COUNTERS}
+        restarts = CounterMetricFamily("fogline_app_restarts", "app worker restarts",
+                                       labels=["app"])
+        up = GaugeMetricFamily("fogline_app_up", "1 while the app's state is running",
+                               labels=["app", "state"])
+        for supervisor in supervisors:
+            stats = supervisor.stats()
+            for name, family in families.items():
+                family.add_metric([supervisor.name], getattr(stats, name))
+            status = supervisor.status()
+            restarts.add_metric([supervisor.name], status.restarts)
+            up.add_metric([supervisor.name, status.state], float(status.state == "running"))
+        yield from families.values()
+        yield restarts
+        yield up

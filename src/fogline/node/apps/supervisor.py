@@ -1,0 +1,444 @@
+"""Supervising one app's worker processes.
+
+Every worker is watched three ways: its exit (crash → restart with backoff, see
+`core.supervision`), pings answered from its event loop (none for `timeout + grace`:
+the loop is blocked, so the worker is replaced), and its RSS (above the app's limit:
+replaced). Each end has a reason, which the app's status carries to `/healthz`, the
+heartbeat and the hub. Requests in flight on a worker that ends get 503 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fogline.clock import Clock
+from fogline.core.supervision import CrashHistory, RestartPolicy
+from fogline.node.apps.host import AppServices, error_fields
+from fogline.node.apps.wire import (
+    Frame,
+    FrameChannel,
+    Hello,
+    HttpCall,
+    HttpReply,
+    Ping,
+    Pong,
+    Rpc,
+    RpcReply,
+    Stats,
+)
+from fogline.protocol import AppStatus
+
+log = logging.getLogger("fogline.node.apps")
+
+START_TIMEOUT_S = 30.0
+WATCH_INTERVAL_S = 0.5
+# Added to the app's handler timeout before a silent event loop counts as hung.
+HANG_GRACE_S = 2.0
+STOP_GRACE_S = 3.0
+OUTPUT_LINES_KEPT = 20
+EXIT_LOAD_FAILED = 3
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def _readable(line: str) -> tuple[int, str]:
+    """A worker's JSON log line as `event key=value ...` (traceback on its own lines)."""
+    if not line.startswith("{"):
+        return logging.INFO, line
+    try:
+        record = json.loads(line)
+        level = _LEVELS.get(record.pop("level", "info"), logging.INFO)
+        for key in ("ts", "app"):
+            record.pop(key, None)
+        trace = record.pop("traceback", "")
+        text = " ".join([str(record.pop("event", "")),
+                         *(f"{k}={v!r}" for k, v in record.items())])
+    except (ValueError, AttributeError):
+        return logging.INFO, line
+    return level, f"{text}\n{trace.rstrip()}" if trace else text
+
+
+class AppUnavailable(Exception):
+    """No worker can take the request; the message says why (503)."""
+
+
+@dataclass(frozen=True)
+class AppLimits:
+    timeout_s: float = 10.0
+    memory_mb: int = 256
+    request_body_bytes: int = 1024 * 1024
+    workers: int = 1
+
+
+@dataclass
+class AppDefinition:
+    """What the node runs for one app: its directory and the validated manifest's
+    fields (the agent reads `fogline.yaml`; workers never parse it)."""
+
+    name: str
+    version: str
+    directory: Path
+    entrypoint: str
+    config: dict[str, Any] = field(default_factory=dict)
+    collections: dict[str, str] = field(default_factory=dict)  # name -> type
+    streams: frozenset[str] = frozenset()
+    limits: AppLimits = AppLimits()
+    python: str = sys.executable
+
+
+class WorkerProcess:
+    """One running worker: its process, channel and calls in flight."""
+
+    def __init__(self, index: int, process: asyncio.subprocess.Process,
+                 channel: FrameChannel) -> None:
+        self.index = index
+        self.process = process
+        self.channel = channel
+        self.hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        self.calls: dict[int, asyncio.Future[HttpReply]] = {}
+        self.stats = Stats()
+        self.last_pong_s = 0.0
+        self.stuck_s = 0.0
+        self.end_reason = ""
+        self.ready = False
+        self.output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+
+    def fail_calls(self, reason: str) -> None:
+        for future in self.calls.values():
+            if not future.done():
+                future.set_exception(AppUnavailable(reason))
+        self.calls.clear()
+
+
+class AppSupervisor:
+    def __init__(self, definition: AppDefinition, services: AppServices, node: dict[str, Any],
+                 state_db: Path, mqtt_url: str | None, clock: Clock,
+                 policy: RestartPolicy | None = None) -> None:
+        self.definition = definition
+        self.services = services
+        self.node = node
+        self.state_db = state_db
+        self.mqtt_url = mqtt_url
+        self.clock = clock
+        self.policy = policy or RestartPolicy()
+        self.history = [CrashHistory(self.policy) for _ in range(definition.limits.workers)]
+        self.workers: list[WorkerProcess | None] = [None] * definition.limits.workers
+        self.state = "starting"
+        self.reason = ""
+        self.since_s = clock.now()
+        self.stats_total = Stats()  # counters of workers that ended
+        self._call_ids = itertools.count(1)
+        self._next = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._restart = asyncio.Event()
+        self.on_change: Callable[[AppSupervisor], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    # Status -----------------------------------------------------------------------------
+
+    def _set_state(self, state: str, reason: str = "") -> None:
+        if state != self.state or reason != self.reason:
+            if state != self.state:
+                self.since_s = self.clock.now()
+                log.info("app %s: %s%s", self.name, state, f" ({reason})" if reason else "")
+            self.state, self.reason = state, reason
+            if self.on_change is not None:
+                self.on_change(self)
+
+    def status(self) -> AppStatus:
+        return AppStatus(name=self.name, version=self.definition.version, state=self.state,
+                         restarts=sum(h.restarts for h in self.history), reason=self.reason,
+                         since_s=self.since_s)
+
+    def stats(self) -> Stats:
+        """Counters over every worker this supervisor ran."""
+        fields = Stats.__struct_fields__
+        total = [getattr(self.stats_total, f) for f in fields]
+        for worker in self.workers:
+            if worker is not None:
+                total = [a + getattr(worker.stats, f) for a, f in zip(total, fields, strict=True)]
+        return Stats(*total)
+
+    # Requests ---------------------------------------------------------------------------
+
+    def _pick(self) -> WorkerProcess:
+        count = len(self.workers)
+        for offset in range(count):
+            worker = self.workers[(self._next + offset) % count]
+            if worker is not None and worker.ready and not worker.channel.closed:
+                self._next = (self._next + offset + 1) % count
+                return worker
+        detail = f" ({self.reason})" if self.reason else ""
+        raise AppUnavailable(f"app {self.name!r} is {self.state}{detail}")
+
+    async def http(self, method: str, path: str, query: str,
+                   headers: list[tuple[str, str]], body: bytes) -> HttpReply:
+        """The worker's reply; AppUnavailable (503) or TimeoutError (504)."""
+        worker = self._pick()
+        call_id = next(self._call_ids)
+        future: asyncio.Future[HttpReply] = asyncio.get_running_loop().create_future()
+        worker.calls[call_id] = future
+        worker.channel.send(HttpCall(call_id, method, path, query, headers, body))
+        try:
+            # The worker answers 504 itself at the timeout; this only fires if its loop
+            # is blocked (the watcher then replaces it).
+            return await asyncio.wait_for(future, self.definition.limits.timeout_s + 1.0)
+        finally:
+            worker.calls.pop(call_id, None)
+
+    # Frames from a worker --------------------------------------------------------------
+
+    def _on_frame(self, worker: WorkerProcess, frame: Frame) -> None:
+        if isinstance(frame, HttpReply):
+            future = worker.calls.pop(frame.id, None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+        elif isinstance(frame, Rpc):
+            asyncio.get_running_loop().create_task(self._rpc(worker, frame))
+        elif isinstance(frame, Pong):
+            worker.last_pong_s = self.clock.monotonic()
+            worker.stuck_s = frame.stuck_s
+        elif isinstance(frame, Stats):
+            worker.stats = frame
+        elif isinstance(frame, Hello) and not worker.hello.done():
+            worker.hello.set_result(frame)
+
+    async def _rpc(self, worker: WorkerProcess, frame: Rpc) -> None:
+        try:
+            value = await self.services.call(frame.op, frame.args)
+            reply = RpcReply(frame.id, value)
+        except Exception as exc:  # every failure goes back to the handler that asked
+            kind, message = error_fields(exc)
+            reply = RpcReply(frame.id, None, kind, message)
+        worker.channel.send(reply)
+
+    # Worker lifecycle -------------------------------------------------------------------
+
+    def _spec(self, index: int) -> dict[str, Any]:
+        d = self.definition
+        return {"name": d.name, "index": index, "app_dir": str(d.directory),
+                "entrypoint": d.entrypoint, "config": d.config,
+                "collections": d.collections, "streams": sorted(d.streams),
+                "timeout_s": d.limits.timeout_s, "memory_mb": d.limits.memory_mb,
+                "node": self.node, "state_db": str(self.state_db), "mqtt_url": self.mqtt_url,
+                "parent_pid": os.getpid()}
+
+    async def _spawn(self, index: int) -> WorkerProcess:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self.definition.python, "-m", "fogline.node.apps.worker",
+                json.dumps(self._spec(index)), str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                cwd=self.definition.directory, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        finally:
+            theirs.close()
+        holder: list[WorkerProcess] = []
+        _, channel = await asyncio.get_running_loop().create_unix_connection(
+            lambda: FrameChannel(lambda frame: self._on_frame(holder[0], frame),
+                                 lambda exc: None), sock=ours)
+        worker = WorkerProcess(index, process, channel)
+        holder.append(worker)
+        return worker
+
+    async def _pump_output(self, worker: WorkerProcess) -> None:
+        """Forward the worker's log lines to the node's log; keep the last few for the
+        reason shown when it dies."""
+        assert worker.process.stdout is not None
+        async for raw in worker.process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            worker.output.append(line)
+            level, text = _readable(line)
+            log.log(level, "[%s/%d] %s", self.name, worker.index, text)
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        """Ping, and check RSS, until the worker has to be replaced."""
+        limits = self.definition.limits
+        hang_s = limits.timeout_s + HANG_GRACE_S
+        memory_bytes = limits.memory_mb * 1024 * 1024
+        process = psutil.Process(worker.process.pid)
+        ping_ids = itertools.count(1)
+        worker.last_pong_s = self.clock.monotonic()
+        while True:
+            worker.channel.send(Ping(next(ping_ids)))
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            silent_s = self.clock.monotonic() - worker.last_pong_s
+            if silent_s > hang_s:
+                return self._kill(worker, f"hung: event loop blocked for over {hang_s:.0f}s")
+            if worker.stuck_s > hang_s:
+                return self._kill(worker, f"hung: a sync handler ran for over {hang_s:.0f}s")
+            try:
+                rss = process.memory_info().rss
+            except psutil.Error:
+                return
+            if rss > memory_bytes:
+                return self._kill(worker, f"memory limit {limits.memory_mb} MB exceeded "
+                                  f"(RSS {rss / 2**20:.0f} MB)")
+            history = self.history[worker.index]
+            if history.check_stable(self.clock.now()):
+                self._set_state("running")
+
+    def _kill(self, worker: WorkerProcess, reason: str) -> None:
+        log.warning("app %s worker %d: %s; replacing it", self.name, worker.index, reason)
+        worker.end_reason = reason
+        worker.fail_calls(reason)
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.kill()
+
+    def _exit_reason(self, worker: WorkerProcess, code: int) -> str:
+        if worker.end_reason:
+            return worker.end_reason
+        if code == EXIT_LOAD_FAILED:
+            for line in reversed(worker.output):
+                with contextlib.suppress(ValueError, AttributeError):
+                    record = json.loads(line)
+                    if record.get("event") == "app failed to load":
+                        return f"failed to load: {record.get('error')}"
+            return "failed to load"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"crashed: killed by {signal.Signals(-code).name}"
+        # An uncaught error prints a plain traceback; the app's own JSON log lines are
+        # not about the exit.
+        last = next((line for line in reversed(worker.output)
+                     if line.strip() and not line.startswith("{")), "")
+        detail = f": {last[-200:]}" if last else ""
+        return f"crashed: exit code {code}{detail}"
+
+    async def _run_one(self, index: int) -> None:
+        """Keep worker `index` running until cancelled."""
+        history = self.history[index]
+        while True:
+            history.started(self.clock.now())
+            worker = await self._spawn(index)
+            self.workers[index] = worker
+            pump = asyncio.create_task(self._pump_output(worker))
+            watch: asyncio.Task[None] | None = None
+            try:
+                hello_or_exit = await self._wait_ready(worker)
+                if hello_or_exit:
+                    worker.ready = True
+                    if not history.failed:
+                        self._set_state("running")
+                    watch = asyncio.create_task(self._watch(worker))
+                    restart = asyncio.create_task(self._restart.wait())
+                    waiter = asyncio.create_task(worker.process.wait())
+                    await asyncio.wait({waiter, restart}, return_when=asyncio.FIRST_COMPLETED)
+                    restart.cancel()
+                    if not waiter.done():  # reload asked for: stop this one, start anew
+                        waiter.cancel()
+                        await self._stop_worker(worker, "reloading")
+                        self._add_stats(worker)
+                        continue
+                code = await worker.process.wait()
+            finally:
+                worker.ready = False
+                if watch is not None:
+                    watch.cancel()
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    await self._stop_worker(worker, "app stopped")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(pump, 1.0)
+                pump.cancel()
+            reason = self._exit_reason(worker, code)
+            worker.fail_calls(f"app worker exited while handling the request ({reason})")
+            worker.channel.close()
+            self._add_stats(worker)
+            self.workers[index] = None
+            decision = history.exited(self.clock.now())
+            state = "failed" if decision.crash_loop else "restarting"
+            if decision.crash_loop:
+                reason += (f" ({decision.crashes_in_window} exits in "
+                           f"{self.policy.crash_loop_window_s:.0f}s)")
+            self._set_state(state, reason)
+            await self.clock.sleep(decision.delay_s)
+
+    async def _wait_ready(self, worker: WorkerProcess) -> bool:
+        """True once the worker said Hello; False if it exited or never did."""
+        exited = asyncio.create_task(worker.process.wait())
+        try:
+            done, _ = await asyncio.wait({worker.hello, exited}, timeout=START_TIMEOUT_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if worker.hello.done():
+            return True
+        if not done:
+            self._kill(worker, f"did not start within {START_TIMEOUT_S:.0f}s")
+        return False
+
+    def _add_stats(self, worker: WorkerProcess) -> None:
+        fields = Stats.__struct_fields__
+        self.stats_total = Stats(*(getattr(self.stats_total, f) + getattr(worker.stats, f)
+                                   for f in fields))
+        worker.stats = Stats()
+
+    async def _stop_worker(self, worker: WorkerProcess, reason: str) -> None:
+        worker.ready = False
+        if worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(worker.process.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+        worker.fail_calls(reason)
+        worker.channel.close()
+
+    # Control ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run_one(i)) for i in range(len(self.workers))]
+
+    async def reload(self, definition: AppDefinition | None = None) -> None:
+        """Replace every worker (new code, or a new manifest with the same number of
+        workers; the agent builds a new supervisor when that number changes)."""
+        if definition is not None:
+            if definition.limits.workers != self.definition.limits.workers:
+                raise ValueError("a supervisor keeps its number of workers")
+            self.definition = definition
+        self._restart.set()
+        await asyncio.sleep(0)
+        self._restart = asyncio.Event()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._set_state("stopped")
+
+    async def wait_running(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until every worker is ready (tests, `fogline dev`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not all(w is not None and w.ready for w in self.workers):
+            if loop.time() > deadline:
+                raise TimeoutError(f"app {self.name!r} is {self.state}: {self.reason}")
+            await asyncio.sleep(0.02)
+
