@@ -461,3 +461,51 @@ async def test_apps_keep_serving_and_queue_emits_while_the_hub_is_unreachable(
             await asyncio.to_thread(wait_for, delivered, 30, "the queued emits to arrive")
     finally:
         wan.close()
+
+
+# Per-app environments ---------------------------------------------------------------------
+
+REQUIRING_CODE = '''from fogline import App
+import humanize
+
+app = App("needs")
+
+
+@app.route("GET", "/size")
+async def size(req, ctx):
+    return {"size": humanize.naturalsize(3000000), "where": humanize.__file__}
+'''
+
+
+def _requiring_app(directory: Path, requirement: str) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "fogline.yaml").write_text(
+        "apiVersion: fogline/v1\nkind: App\nmetadata: {name: needs, version: '1'}\n"
+        f"spec: {{entrypoint: 'needs_app:app', requirements: ['{requirement}']}}\n")
+    (directory / "needs_app.py").write_text(REQUIRING_CODE)
+    return directory
+
+
+def test_requirements_install_into_a_per_app_environment(tmp_path: Path) -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("humanize") is None  # not on the node's interpreter
+    good = _requiring_app(tmp_path / "good", "humanize==4.9.0")
+    bad = _requiring_app(tmp_path / "bad", "fogline-no-such-package==1.0")
+    with run_hub(tmp_path / "hub", "--heartbeat-interval", "1s") as hub:
+        hub.start_node(tmp_path / "n", "n", hub.create_token(), "--app", str(good))
+        node = AppNode(tmp_path / "n")
+        wait_for(lambda: (node.data / "endpoint").exists()
+                 and node.apps().get("needs", {}).get("state") == "running", 180,
+                 "the app's requirements to install and the app to run")
+        body = node.request("GET", "/needs/size").json()
+        assert body["size"] == "3.0 MB"
+        assert str(node.data / "apps" / "envs") in body["where"]
+        hub.start_node(tmp_path / "m", "m", hub.create_token(), "--app", str(bad))
+        other = AppNode(tmp_path / "m")
+        wait_for(lambda: (other.data / "endpoint").exists()
+                 and other.apps().get("needs", {}).get("state") == "failed", 180,
+                 "the failed install to be reported")
+        response = other.request("GET", "/needs/size")
+        assert response.status_code == 503
+        assert "installing requirements failed" in response.json()["reason"]

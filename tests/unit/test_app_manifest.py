@@ -159,13 +159,12 @@ def test_limits_default_and_parse_intervals(tmp_path: Path) -> None:
     assert limits.request_body_bytes == 1024 * 1024
 
 
-def test_node_refuses_reserved_names_and_per_app_requirements(tmp_path: Path) -> None:
+def test_node_refuses_names_its_own_endpoints_use(tmp_path: Path) -> None:
     from fogline.node.apps.manager import read_definition
 
-    with pytest.raises(ConfigError, match=r"metadata.name: 'metrics' is reserved"):
-        read_definition(write_app(tmp_path, changed("metadata.name", "metrics")))
-    with pytest.raises(ConfigError, match=r"spec.requirements: per-app environments"):
-        read_definition(write_app(tmp_path, changed("spec.requirements", ["numpy"])))
+    for name in ("metrics", "healthz", "local"):
+        with pytest.raises(ConfigError, match=rf"metadata.name: '{name}' is reserved"):
+            read_definition(write_app(tmp_path, changed("metadata.name", name)))
 
 
 @pytest.mark.parametrize("entrypoint", ["demo_app", "demo_app:", ":app", "demo-app:app",

@@ -362,5 +362,6 @@ class NodeAgent:
         (self.config.data_dir / "mqtt.url").write_text(mqtt_url + "\n")
         node = {"id": identity.node_id, "region": identity.region, "tier": identity.tier,
                 "labels": dict(identity.labels)}
-        await self.apps.start(self.collections, self.outbox, node, mqtt_url)
+        await self.apps.start(self.collections, self.outbox, node, mqtt_url,
+                              self.config.data_dir / "apps" / "envs")
         stack.push_async_callback(self.apps.stop)

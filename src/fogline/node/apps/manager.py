@@ -21,6 +21,7 @@ from fogline.core.outbox import StreamPolicy
 from fogline.core.supervision import RestartPolicy
 from fogline.core.sync import CollectionDef
 from fogline.errors import ConfigError
+from fogline.node.apps.environment import ensure_environment
 from fogline.node.apps.front import RESERVED_NAMES
 from fogline.node.apps.host import AppServices
 from fogline.node.apps.supervisor import AppDefinition, AppLimits, AppSupervisor
@@ -45,17 +46,14 @@ def read_definition(directory: Path | str) -> tuple[AppDefinition, list[Collecti
     if name in RESERVED_NAMES:
         raise ConfigError(f"{root / 'fogline.yaml'}: metadata.name: {name!r} is reserved for "
                           f"the node's own endpoints ({', '.join(sorted(RESERVED_NAMES))})")
-    if spec.requirements:
-        raise ConfigError(f"{root / 'fogline.yaml'}: spec.requirements: per-app "
-                          "environments are not supported yet; install them into the "
-                          "node's environment and leave this empty")
     limits = AppLimits(spec.limits.timeout_s, spec.limits.memory_mb,
                        spec.limits.request_body_bytes, spec.limits.workers)
     definition = AppDefinition(
         name=name, version=manifest.metadata.version, directory=root,
         entrypoint=spec.entrypoint, config=dict(spec.config),
         collections={c.name: c.type for c in spec.collections},
-        streams=frozenset(s.name for s in spec.streams), limits=limits)
+        streams=frozenset(s.name for s in spec.streams), limits=limits,
+        requirements=list(spec.requirements))
     defs = [CollectionDef(c.name, c.type, c.scope) for c in spec.collections]
     return definition, defs, {s.name: s.policy() for s in spec.streams}
 
@@ -80,12 +78,12 @@ class NodeApps:
         return [d for _, defs, _ in self.loaded for d in defs]
 
     async def start(self, collections: NodeCollections, outbox: Outbox, node: dict[str, Any],
-                    mqtt_url: str | None) -> None:
+                    mqtt_url: str | None, envs_dir: Path) -> None:
         self._collections, self._outbox = collections, outbox
-        self._context = {"node": node, "mqtt_url": mqtt_url}
+        self._context = {"node": node, "mqtt_url": mqtt_url, "envs_dir": envs_dir}
         for definition, defs, streams in self.loaded:
             await self._prepare(defs, streams)
-            self._start(definition)
+            await self._start(definition)
 
     async def _prepare(self, defs: list[CollectionDef],
                        streams: dict[str, StreamPolicy]) -> None:
@@ -93,8 +91,9 @@ class NodeApps:
         await self._collections.define_local(defs)
         self._outbox.policies.update(streams)
 
-    def _start(self, definition: AppDefinition) -> None:
+    async def _start(self, definition: AppDefinition) -> None:
         assert self._collections is not None and self._outbox is not None
+        problem = await self._environment(definition)
         collections, outbox = self._collections, self._outbox
         services = AppServices(definition.name, definition.collections, definition.streams,
                                lambda: collections, lambda: outbox)
@@ -103,7 +102,23 @@ class NodeApps:
                                    self.clock, self.policy)
         supervisor.on_change = self._changed
         self.supervisors[definition.name] = supervisor
-        supervisor.start()
+        if problem:
+            supervisor.fail(problem)  # never started; a reload tries again
+        else:
+            supervisor.start()
+
+    async def _environment(self, definition: AppDefinition) -> str:
+        """Point the app at its per-app interpreter; the reason if that failed."""
+        if not definition.requirements:
+            return ""
+        log.info("app %s: preparing its environment (%d requirements)", definition.name,
+                 len(definition.requirements))
+        try:
+            definition.python = await ensure_environment(self._context["envs_dir"],
+                                                         definition.requirements)
+        except ConfigError as exc:
+            return str(exc)
+        return ""
 
     def _changed(self, supervisor: AppSupervisor) -> None:
         if self.on_change is not None:
@@ -122,11 +137,12 @@ class NodeApps:
         await self._prepare(defs, streams)
         self.loaded = [entry if entry[0].name != name else (definition, defs, streams)
                        for entry in self.loaded]
-        if definition.limits.workers == supervisor.definition.limits.workers:
+        same_shape = definition.limits.workers == supervisor.definition.limits.workers
+        if same_shape and supervisor.started and not definition.requirements:
             await supervisor.reload(definition)
         else:
             await supervisor.stop()
-            self._start(definition)
+            await self._start(definition)
         return self.supervisors[name].status()
 
     def statuses(self) -> tuple[AppStatus, ...]:

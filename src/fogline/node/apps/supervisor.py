@@ -73,6 +73,11 @@ def _readable(line: str) -> tuple[int, str]:
     return level, f"{text}\n{trace.rstrip()}" if trace else text
 
 
+def _expire(future: asyncio.Future[HttpReply]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 class AppUnavailable(Exception):
     """No worker can take the request; the message says why (503)."""
 
@@ -98,7 +103,8 @@ class AppDefinition:
     collections: dict[str, str] = field(default_factory=dict)  # name -> type
     streams: frozenset[str] = frozenset()
     limits: AppLimits = AppLimits()
-    python: str = sys.executable
+    requirements: list[str] = field(default_factory=list)
+    python: str = sys.executable  # a per-app environment's when it has requirements
 
 
 class WorkerProcess:
@@ -194,14 +200,18 @@ class AppSupervisor:
         """The worker's reply; AppUnavailable (503) or TimeoutError (504)."""
         worker = self._pick()
         call_id = next(self._call_ids)
-        future: asyncio.Future[HttpReply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[HttpReply] = loop.create_future()
         worker.calls[call_id] = future
         worker.channel.send(HttpCall(call_id, method, path, query, headers, body))
+        # The worker answers 504 itself at the timeout; this backstop only fires if its
+        # loop is blocked (the watcher then replaces it). A bare timer, not wait_for:
+        # it is on every request's path.
+        timer = loop.call_later(self.definition.limits.timeout_s + 1.0, _expire, future)
         try:
-            # The worker answers 504 itself at the timeout; this only fires if its loop
-            # is blocked (the watcher then replaces it).
-            return await asyncio.wait_for(future, self.definition.limits.timeout_s + 1.0)
+            return await future
         finally:
+            timer.cancel()
             worker.calls.pop(call_id, None)
 
     # Frames from a worker --------------------------------------------------------------
@@ -410,9 +420,17 @@ class AppSupervisor:
 
     # Control ----------------------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return bool(self._tasks)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run_one(i)) for i in range(len(self.workers))]
+
+    def fail(self, reason: str) -> None:
+        """An app that cannot start at all (e.g. its requirements did not install)."""
+        self._set_state("failed", reason)
 
     async def reload(self, definition: AppDefinition | None = None) -> None:
         """Replace every worker (new code, or a new manifest with the same number of
