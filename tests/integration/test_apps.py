@@ -509,3 +509,22 @@ def test_requirements_install_into_a_per_app_environment(tmp_path: Path) -> None
         response = other.request("GET", "/needs/size")
         assert response.status_code == 503
         assert "installing requirements failed" in response.json()["reason"]
+
+
+def test_an_app_whose_collection_the_hub_refuses_is_stopped_as_failed(tmp_path: Path) -> None:
+    with run_hub(tmp_path / "hub", "--heartbeat-interval", "1s") as hub:
+        # The fleet already has `kv`, as a counter: probe declares it as a map.
+        hub.api("POST", "/v1/collections", json={"name": "kv", "type": "counter",
+                                                 "scope": "global"})
+        hub.start_node(tmp_path / "r", "r", hub.create_token(), "--app", str(APPS / "probe"),
+                       "--app", str(APPS / "steady"))
+        node = AppNode(tmp_path / "r")
+        wait_for(lambda: (node.data / "endpoint").exists()
+                 and node.apps().get("probe", {}).get("state") == "failed", 30,
+                 "the hub's refusal to stop the app")
+        reason = node.apps()["probe"]["reason"]
+        assert "the hub refused collection 'kv'" in reason and "counter" in reason
+        assert node.request("GET", "/probe/hello").status_code == 503
+        wait_for(lambda: node.apps()["steady"]["state"] == "running", 30, "steady to run")
+        assert node.request("GET", "/steady/ping").status_code == 200
+        assert hub.api("GET", "/v1/collections/kv")["type"] == "counter"  # unchanged

@@ -245,8 +245,12 @@ class NodeAgent:
                 await self.clock.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_BACKOFF_MAX_S)
                 continue
-            for error in result.errors:
-                log.error("the hub refused an app collection: %s", error)
+            accepted = set(result.created) | set(result.existing)
+            refused = {d.name: next((e for e in result.errors if repr(d.name) in e),
+                                    "refused") for d in declared if d.name not in accepted}
+            if refused and self.apps is not None:
+                log.error("the hub refused app collections: %s", refused)
+                await self.apps.refuse(refused)
             break
         await NodeSync(self.collections, nc, identity.node_id, self.clock).run()
 

@@ -145,6 +145,16 @@ class NodeApps:
             await self._start(definition)
         return self.supervisors[name].status()
 
+    async def refuse(self, refused: dict[str, str]) -> None:
+        """The hub refused these collections (name -> why): stop every app declaring
+        one, as `failed`, rather than let it write state the fleet disagrees on."""
+        for supervisor in list(self.supervisors.values()):
+            hit = sorted(set(supervisor.definition.collections) & set(refused))
+            if hit:
+                await supervisor.stop()
+                supervisor.fail("; ".join(f"the hub refused collection {name!r}: "
+                                          f"{refused[name]}" for name in hit))
+
     def statuses(self) -> tuple[AppStatus, ...]:
         return tuple(s.status() for s in self.supervisors.values())
 
