@@ -52,3 +52,16 @@ def test_a_worker_that_ran_stably_resets_the_backoff() -> None:
     assert history.exited(2.0).delay_s == 0.4
     history.started(2.4)
     assert history.exited(100.0).delay_s == 0.2  # ran 97 s: a fresh crash, not a loop
+
+
+def test_reset_forgets_a_crash_loop_but_not_the_restart_count() -> None:
+    history = CrashHistory(POLICY)
+    for start in (0.0, 1.0, 2.0):
+        history.started(start)
+        history.exited(start + 0.5)
+    assert history.failed
+    history.reset()
+    assert not history.failed and history.restarts == 2
+    history.started(3.0)
+    decision = history.exited(3.5)
+    assert not decision.crash_loop and decision.delay_s == 0.2

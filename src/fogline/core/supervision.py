@@ -62,6 +62,12 @@ class CrashHistory:
                       policy.backoff_max_s)
         return RestartDecision(delay_s, self.failed, len(self._exits))
 
+    def reset(self) -> None:
+        """New code: forget earlier exits (the restart count stays)."""
+        self._exits.clear()
+        self._consecutive = 0
+        self.failed = False
+
     def check_stable(self, now_s: float) -> bool:
         """Clear `failed` once the current worker has run `stable_after_s`; True if the
         app just left the failed state."""

@@ -122,6 +122,7 @@ class WorkerProcess:
         self.stuck_s = 0.0
         self.end_reason = ""
         self.ready = False
+        self.generation = -1
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
 
     def fail_calls(self, reason: str) -> None:
@@ -152,6 +153,7 @@ class AppSupervisor:
         self._next = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._restart = asyncio.Event()
+        self._generation = 0
         self.on_change: Callable[[AppSupervisor], None] | None = None
 
     @property
@@ -340,6 +342,7 @@ class AppSupervisor:
         """Keep worker `index` running until cancelled."""
         history = self.history[index]
         while True:
+            generation = self._generation
             history.started(self.clock.now())
             worker = await self._spawn(index)
             self.workers[index] = worker
@@ -348,7 +351,12 @@ class AppSupervisor:
             try:
                 hello_or_exit = await self._wait_ready(worker)
                 if hello_or_exit:
+                    if generation != self._generation:  # a reload came while it started
+                        await self._stop_worker(worker, "reloading")
+                        self._add_stats(worker)
+                        continue
                     worker.ready = True
+                    worker.generation = generation
                     if not history.failed:
                         self._set_state("running")
                     watch = asyncio.create_task(self._watch(worker))
@@ -382,7 +390,9 @@ class AppSupervisor:
                 reason += (f" ({decision.crashes_in_window} exits in "
                            f"{self.policy.crash_loop_window_s:.0f}s)")
             self._set_state(state, reason)
-            await self.clock.sleep(decision.delay_s)
+            # A reload (new code) ends the backoff at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._restart.wait(), decision.delay_s)
 
     async def _wait_ready(self, worker: WorkerProcess) -> bool:
         """True once the worker said Hello; False if it exited or never did."""
@@ -439,6 +449,12 @@ class AppSupervisor:
             if definition.limits.workers != self.definition.limits.workers:
                 raise ValueError("a supervisor keeps its number of workers")
             self.definition = definition
+        # New code gets a fresh start: no inherited crash loop or backoff, and the app
+        # reads `starting` until a worker of this generation says Hello.
+        self._generation += 1
+        for history in self.history:
+            history.reset()
+        self._set_state("starting", "reloading")
         self._restart.set()
         await asyncio.sleep(0)
         self._restart = asyncio.Event()
