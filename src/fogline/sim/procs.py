@@ -16,17 +16,20 @@ FOGLINE = (sys.executable, "-m", "fogline")
 
 
 @contextlib.asynccontextmanager
-async def fogline_process(args: list[str], log_path: Path) -> AsyncIterator[
-        asyncio.subprocess.Process]:
+async def fogline_process(args: list[str], log_path: Path, own_session: bool = False,
+                          ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`fogline ARGS` with output to `log_path`; stopped (SIGTERM, then SIGKILL) on exit.
 
     The child also dies with this process if it is SIGKILLed, so no orphan survives.
+    `own_session` keeps the terminal's Ctrl-C from reaching the child (and its children)
+    directly, so this process stops them in its own order.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         process = await asyncio.create_subprocess_exec(
             *FOGLINE, *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            preexec_fn=die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            preexec_fn=die_with_parent, start_new_session=own_session,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         yield process
     finally:
