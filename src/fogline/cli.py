@@ -1,4 +1,4 @@
-"""The `fogline` command: hub, node, token, get, demo, bench."""
+"""The `fogline` command: hub, node, token, get, dev, demo, bench."""
 
 from __future__ import annotations
 
@@ -373,11 +373,32 @@ def get_tokens(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None)
     typer.echo(json.dumps(tokens, indent=2))
 
 
+@app.command("dev")
+def dev(
+    app_dir: Annotated[Path, typer.Argument(help="App directory with a fogline.yaml")],
+    data: Annotated[Path | None, typer.Option("--data", help="Keep the hub's and node's "
+                                              "state here (default: a temporary dir)")] = None,
+    port: Annotated[int, typer.Option(help="The node's HTTP port; 0 picks a free one")] = 8787,
+    mqtt: Annotated[str | None, typer.Option(
+        "--mqtt", help="Device MQTT broker URL (default: the node's embedded broker)")] = None,
+) -> None:
+    """Run one app on a local hub and node; reload it when its files change."""
+    from fogline.sim.dev import DevConfig, DevSession
+
+    try:
+        session = DevSession(DevConfig(app_dir=app_dir, data_dir=data, port=port,
+                                       mqtt_url=mqtt), echo=typer.echo)
+        run_service(session.run)
+    except FoglineError as exc:
+        raise _fail(exc) from exc
+
+
 @app.command("demo")
 def demo(
     data: Annotated[Path | None, typer.Option("--data", help="Keep state here "
                                               "(default: a temporary dir)")] = None,
-    nodes: Annotated[int, typer.Option(help="Nodes, spread across regions")] = 3,
+    nodes: Annotated[int, typer.Option(
+        help="Regional nodes, spread across regions (cloud-1, next to the hub, is extra)")] = 3,
     rtt_ms: Annotated[str | None, typer.Option(
         "--rtt-ms", help="RTT to the hub: 80, or us-east=20,eu-west=80,ap-south=150")] = None,
     duration: Annotated[float, typer.Option(help="Seconds to run; 0 runs until Ctrl-C")] = 60,
@@ -386,6 +407,9 @@ def demo(
     headless: Annotated[bool, typer.Option(help="No live view")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary")] = (
         None),
+    app_dir: Annotated[Path | None, typer.Option(
+        "--app", help="The app every node runs (default: examples/factory of the source "
+                      "checkout)")] = None,
 ) -> None:
     """A hub and a regional fleet on this machine, behind emulated WAN links."""
     from rich.live import Live
@@ -397,7 +421,7 @@ def demo(
         regions = tuple(DEFAULT_RTT_MS)
         config = DemoConfig(data_dir=data, nodes=nodes, regions=regions,
                             rtt_ms=parse_rtt(rtt_ms, list(regions)), duration_s=duration,
-                            chaos=chaos)
+                            chaos=chaos, app_dir=app_dir)
     except FoglineError as exc:
         raise _fail(exc) from exc
     summary: dict[str, Any] = {}

@@ -3,7 +3,11 @@
 A small composition of public pieces: a `fogline hub` process, one `fogline node`
 process per node (each with its own bootstrap token), a `WanEmulator` link per node for
 its hub API and NATS traffic with the region's RTT, and a scripted chaos timeline.
-Later capabilities add their own steps through `DemoStep`s.
+Stories ride on top: the data story (demo_data: a global collection and a stream) and the
+app story (demo_apps: the factory app on every node plus `cloud-1`, a node of tier
+`cloud` next to the hub, with simulated machines and users comparing edge and cloud).
+The module is a little over fogline's ~400-line aim: it is the one place that owns the
+processes, the links and the timeline, and splitting that would scatter the story.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from fogline.errors import ConfigError, RetryableError
+from fogline.sim.demo_apps import AppNode, AppSettings, AppWorkload, app_dir
 from fogline.sim.demo_data import DataWorkload
 from fogline.sim.procs import fogline_process, wait_for_file
 from fogline.sim.wan import LinkConfig, WanEmulator, WanLink
@@ -32,6 +38,9 @@ DEFAULT_RTT_MS: dict[str, float] = {"us-east": 20.0, "eu-west": 80.0, "ap-south"
 POLL_INTERVAL_S = 0.2
 DRAIN_TIMEOUT_S = 20.0
 START_TIMEOUT_S = 60.0
+APPS_POLL_INTERVAL_S = 1.0
+RESOURCES_INTERVAL_S = 5.0
+CLOUD_NODE = "cloud-1"
 
 
 def parse_rtt(text: str | None, regions: list[str]) -> dict[str, float]:
@@ -66,6 +75,10 @@ class DemoConfig:
     partition_at_s: float = 15.0
     partition_for_s: float = 15.0
     heartbeat_interval_s: float = 1.0
+    apps: bool = True  # the factory app on every node, a cloud node, devices and users
+    app_dir: Path | None = None  # default: examples/factory of the source checkout
+    app_settings: AppSettings = field(default_factory=AppSettings)
+    data_story: bool = True
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.nodes > 200:
@@ -81,9 +94,10 @@ class DemoNode:
     name: str
     region: str
     rtt_ms: float
-    api_link: WanLink
-    nats_link: WanLink
+    api_link: WanLink | None  # None: the cloud node, next to the hub
+    nats_link: WanLink | None
     data_dir: Path
+    tier: str = "near"
     node_id: str = ""
     hub_status: str = "starting"
     local: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +119,11 @@ class DemoState:
     hub_url: str = ""
     wan_url: str = ""
     data: Any = None
+    apps: AppWorkload | None = None
     data_dir: str = ""
+    processes: int = 0
+    rss_mb: float = 0.0
+    rss_mb_max: float = 0.0
 
     def elapsed_s(self) -> float:
         return time.time() - self.started_at_s
@@ -134,7 +152,12 @@ class Demo:
         self.state = DemoState(started_at_s=time.time())
         self.data = DataWorkload()
         self.state.data = self.data
+        self.apps = AppWorkload(app_dir(config.app_dir), config.app_settings) \
+            if config.apps else None
+        self.state.apps = self.apps
         self.partition: dict[str, Any] = {}
+        self._apps_polled_s = self._resources_sampled_s = 0.0
+        self._local: httpx.AsyncClient | None = None
 
     @contextlib.contextmanager
     def _data_dir(self) -> Any:
@@ -159,17 +182,23 @@ class Demo:
                     serve_http(control_app(wan), "127.0.0.1", 0))
                 self.state.wan_url = f"http://127.0.0.1:{wan_port}"
                 (data / "wan.url").write_text(self.state.wan_url + "\n")
-                async with httpx.AsyncClient(
-                        base_url=hub_url, timeout=10,
-                        headers={"Authorization": f"Bearer {admin}"}) as api:
-                    await self._start_nodes(stack, data, wan, api, hub_url, nats_url)
-                    await self._wait_ready(api)
+                # One client each for the hub and for the nodes, for the whole run: making
+                # an httpx client costs ~20 ms of CPU (its TLS context), which once per poll
+                # stalled this loop, and with it the WAN links, five times a second.
+                api = await stack.enter_async_context(httpx.AsyncClient(
+                    base_url=hub_url, timeout=10,
+                    headers={"Authorization": f"Bearer {admin}"}))
+                local = self._local = await stack.enter_async_context(
+                    httpx.AsyncClient(timeout=2))
+                await self._start_nodes(stack, data, wan, api, hub_url, nats_url)
+                await self._wait_ready(api)
+                if self.config.data_story:
                     await self.data.setup(api, [(n.name, n.data_dir)
-                                                for n in self.state.nodes])
-                    async with httpx.AsyncClient(timeout=2) as local:
-                        await self._play(api, local)
-                        await self._drain(api, local)
-                    return await self._summary(api)
+                                                for n in self._regional()])
+                async with self._app_traffic(wan, data):
+                    await self._play(api, local)
+                await self._drain(api, local)
+                return await self._summary(api)
         raise AssertionError("unreachable")
 
     async def _start_hub(self, stack: contextlib.AsyncExitStack,
@@ -201,39 +230,72 @@ class Demo:
                 api_link=wan.add_link(f"{name}/api", (api_host, api_port), one_way),
                 nats_link=wan.add_link(f"{name}/nats", (nats_host, nats_port), one_way),
                 data_dir=data / "nodes" / name)
-            response = await api.post("/v1/tokens", json={"ttl_s": 600, "region": region})
-            response.raise_for_status()
-            await stack.enter_async_context(fogline_process(
-                ["node", "--data", str(node.data_dir), "--name", name, "--region", region,
-                 "--hub", f"http://127.0.0.1:{node.api_link.port}",
-                 "--token", response.json()["token"],
-                 "--nats", f"nats://127.0.0.1:{node.nats_link.port}",
-                 "--heartbeat-interval", f"{self.config.heartbeat_interval_s}s"],
-                data / "nodes" / f"{name}.log"))
-            self.state.nodes.append(node)
+            await self._start_node(stack, data, api, node,
+                                   f"http://127.0.0.1:{node.api_link.port}",
+                                   f"nats://127.0.0.1:{node.nats_link.port}")
+        if self.apps is not None:
+            # Next to the hub: no WAN link between them.
+            cloud = DemoNode(name=CLOUD_NODE, region="cloud", rtt_ms=0.0, api_link=None,
+                             nats_link=None, data_dir=data / "nodes" / CLOUD_NODE,
+                             tier="cloud")
+            await self._start_node(stack, data, api, cloud, hub_url, nats_url)
         self.state.note("nodes started", nodes=[n.name for n in self.state.nodes])
+
+    async def _start_node(self, stack: contextlib.AsyncExitStack, data: Path,
+                          api: httpx.AsyncClient, node: DemoNode, hub_url: str,
+                          nats_url: str) -> None:
+        response = await api.post("/v1/tokens", json={"ttl_s": 600, "region": node.region})
+        response.raise_for_status()
+        app = [] if self.apps is None else ["--app", str(self.apps.app_dir)]
+        await stack.enter_async_context(fogline_process(
+            ["node", "--data", str(node.data_dir), "--name", node.name,
+             "--region", node.region, "--tier", node.tier, *app, "--hub", hub_url,
+             "--token", response.json()["token"], "--nats", nats_url,
+             "--heartbeat-interval", f"{self.config.heartbeat_interval_s}s"],
+            data / "nodes" / f"{node.name}.log"))
+        self.state.nodes.append(node)
+
+    def _regional(self) -> list[DemoNode]:
+        return [n for n in self.state.nodes if n.api_link is not None]
+
+    @contextlib.asynccontextmanager
+    async def _app_traffic(self, wan: WanEmulator, data: Path) -> Any:
+        """The app story's devices and users, running while the context is open."""
+        if self.apps is None:
+            yield
+            return
+        self.apps.setup(wan, [AppNode(n.name, n.region, n.tier, n.data_dir, n.rtt_ms)
+                              for n in self._regional()],
+                        next(AppNode(n.name, n.region, n.tier, n.data_dir)
+                             for n in self.state.nodes if n.api_link is None))
+        self.state.note("app traffic", app=self.apps.app_dir.name,
+                        machines=sum(len(d.machines) for d in self.apps.devices),
+                        user_paths=len(self.apps.paths))
+        async with self.apps.traffic(data):
+            yield
 
     async def _poll(self, api: httpx.AsyncClient) -> None:
         response = await api.get("/v1/nodes")
         by_name = {n["name"]: n for n in response.json()}
-        async with httpx.AsyncClient(timeout=1) as local:
-            for node in self.state.nodes:
-                row = by_name.get(node.name)
-                if row is not None:
-                    node.node_id = row["id"]
-                    node.ids_seen.add(row["id"])
-                    node.last_seen_s = row["last_seen_s"]
-                    node.version = row["version"]
-                    rtt = row["load"].get("hub_rtt_ms")
-                    if rtt and row["status"] == "ready" and (
-                            not node.measured_rtt_ms or node.measured_rtt_ms[-1] != rtt):
-                        node.measured_rtt_ms.append(rtt)
-                    self._status_change(node, row)
-                endpoint = node.data_dir / "endpoint"
-                if endpoint.exists():
-                    with contextlib.suppress(httpx.HTTPError, ValueError):
-                        node.local = (await local.get(
-                            endpoint.read_text().strip() + "/healthz")).json()
+        local = self._local
+        assert local is not None  # made in run() before the first poll
+        for node in self.state.nodes:
+            row = by_name.get(node.name)
+            if row is not None:
+                node.node_id = row["id"]
+                node.ids_seen.add(row["id"])
+                node.last_seen_s = row["last_seen_s"]
+                node.version = row["version"]
+                rtt = row["load"].get("hub_rtt_ms")
+                if rtt and row["status"] == "ready" and (
+                        not node.measured_rtt_ms or node.measured_rtt_ms[-1] != rtt):
+                    node.measured_rtt_ms.append(rtt)
+                self._status_change(node, row)
+            endpoint = node.data_dir / "endpoint"
+            if endpoint.exists():
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    node.local = (await local.get(
+                        endpoint.read_text().strip() + "/healthz", timeout=1)).json()
         self.state.samples.append({"t_s": round(self.state.elapsed_s(), 3),
                                    "status": {n.name: n.hub_status for n in self.state.nodes}})
         self.on_update(self.state)
@@ -258,7 +320,10 @@ class Demo:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             await self._poll(api)
-            if all(n.hub_status == "ready" for n in self.state.nodes):
+            apps_running = self.apps is None or all(
+                any(a.get("state") == "running" for a in n.local.get("apps", []))
+                for n in self.state.nodes)
+            if all(n.hub_status == "ready" for n in self.state.nodes) and apps_running:
                 self.state.phase = "running"
                 self.state.note("fleet ready", nodes=len(self.state.nodes))
                 return
@@ -267,24 +332,34 @@ class Demo:
                              f"{self.state.data_dir}")
 
     def _partitioned_nodes(self) -> list[DemoNode]:
-        return [n for n in self.state.nodes if n.region == self.config.partition_region]
+        return [n for n in self._regional() if n.region == self.config.partition_region]
+
+    def _partitioned_links(self) -> list[WanLink]:
+        """The region's links to the hub and, for its users and devices, to the cloud."""
+        links = [link for n in self._partitioned_nodes()
+                 for link in (n.api_link, n.nats_link) if link is not None]
+        if self.apps is not None:
+            links += self.apps.region_links(self.config.partition_region)
+        return links
 
     def _cut(self) -> None:
-        nodes = self._partitioned_nodes()
-        for node in nodes:
-            node.api_link.partition("reset")
-            node.nats_link.partition("reset")
-        self.partition = {"region": self.config.partition_region, "cut_at_s": time.time(),
+        nodes, cut_at_s = self._partitioned_nodes(), time.time()
+        for link in self._partitioned_links():
+            link.partition("reset")
+        if self.apps is not None:
+            self.apps.partitioned(self.config.partition_region, cut_at_s)
+        self.partition = {"region": self.config.partition_region, "cut_at_s": cut_at_s,
                           "nodes": {n.name: {"node_id": n.node_id} for n in nodes}}
         self.state.phase = f"{self.config.partition_region} partitioned"
         self.state.note("partition", region=self.config.partition_region,
                         nodes=[n.name for n in nodes])
 
     def _heal(self) -> None:
-        for node in self._partitioned_nodes():
-            node.api_link.heal()
-            node.nats_link.heal()
+        for link in self._partitioned_links():
+            link.heal()
         self.partition["healed_at_s"] = time.time()
+        if self.apps is not None:
+            self.apps.healed(self.partition["healed_at_s"])
         self.data.healed()
         self.state.phase = "healed"
         self.state.note("heal", region=self.config.partition_region)
@@ -293,9 +368,14 @@ class Demo:
         """Give backlogs a moment to reach the hub before the summary counts them."""
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while time.monotonic() < deadline:
-            await self.data.refresh(local)
-            await self.data._hub_counts(api)
-            if await self.data.settled(api):
+            data_settled = True
+            if self.config.data_story:
+                await self.data.refresh(local)
+                await self.data._hub_counts(api)
+                data_settled = await self.data.settled(api)
+            if self.apps is not None:
+                await self.apps.step(api, local)
+            if data_settled and (self.apps is None or self.apps.drained()):
                 return
             await self._poll(api)
             await asyncio.sleep(POLL_INTERVAL_S)
@@ -310,11 +390,30 @@ class Demo:
             if cfg.chaos and self.partition and "healed_at_s" not in self.partition and (
                     now >= heal_at):
                 self._heal()
-            await self.data.step(api, local)
+            if cfg.data_story:
+                await self.data.step(api, local)
+            if now - self._resources_sampled_s >= RESOURCES_INTERVAL_S:
+                self._resources_sampled_s = now
+                self._sample_resources()
+            if self.apps is not None and now - self._apps_polled_s >= APPS_POLL_INTERVAL_S:
+                self._apps_polled_s = now
+                await self.apps.step(api, local)
             await self._poll(api)
             await asyncio.sleep(POLL_INTERVAL_S)
         if self.partition and "healed_at_s" not in self.partition:
             self._heal()
+
+    def _sample_resources(self) -> None:
+        """RSS of the whole demo: this process and every process it started."""
+        me = psutil.Process()
+        processes = [me, *me.children(recursive=True)]
+        rss = 0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                rss += process.memory_info().rss
+        self.state.processes = len(processes)
+        self.state.rss_mb = round(rss / 2**20, 1)
+        self.state.rss_mb_max = max(self.state.rss_mb_max, self.state.rss_mb)
 
     async def _summary(self, api: httpx.AsyncClient) -> dict[str, Any]:
         events = (await api.get("/v1/events", params={"limit": 10_000})).json()
@@ -332,14 +431,17 @@ class Demo:
             "wan_control_url": self.state.wan_url,
             "enrollments": enrollments,
             "nodes": [{
-                "name": n.name, "region": n.region, "node_id": n.node_id,
+                "name": n.name, "region": n.region, "tier": n.tier, "node_id": n.node_id,
                 "ids_seen": sorted(n.ids_seen), "status": n.hub_status,
                 "local_status": n.local.get("status"), "rtt_configured_ms": n.rtt_ms,
                 "rtt_measured_ms": round(statistics.median(n.measured_rtt_ms), 2)
                 if n.measured_rtt_ms else None,
             } for n in self.state.nodes],
             "partition": partition,
-            "data": await self.data.summary(api),
+            "data": await self.data.summary(api) if self.config.data_story else None,
+            "apps": self.apps.summary() if self.apps is not None else None,
+            "resources": {"processes": self.state.processes, "rss_mb_max": self.state.rss_mb_max,
+                          "cores": psutil.cpu_count()},
             "timeline": self.state.timeline,
             "statuses": self.state.samples,
         }
@@ -348,4 +450,3 @@ class Demo:
 def _host_port(url: str) -> tuple[str, int]:
     host, port = url.split("://", 1)[1].rsplit(":", 1)
     return host, int(port)
-
