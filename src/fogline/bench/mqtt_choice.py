@@ -413,10 +413,16 @@ async def amqtt_broker(workdir: Path) -> AsyncIterator[tuple[int, int | None]]:
                       "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
                       "    allow_anonymous: true\n")
     exe = Path(sysconfig.get_path("scripts")) / "amqtt"
+    if not exe.exists():
+        raise RuntimeError(f"amqtt is not installed ({exe}): pip install amqtt")
     log = open(workdir / "amqtt.log", "wb")  # noqa: SIM115  (closed below)
-    proc = await asyncio.create_subprocess_exec(
-        str(exe), "-c", str(config), stdin=asyncio.subprocess.DEVNULL, stdout=log,
-        stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(exe), "-c", str(config), stdin=asyncio.subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    except BaseException:
+        log.close()
+        raise
     try:
         try:
             await wait_port(port, proc, 20)
