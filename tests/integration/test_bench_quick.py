@@ -36,3 +36,19 @@ def test_heartbeats_with_a_few_nodes_makes_them_ready_and_counts_heartbeats() ->
     assert conditions["steady_heartbeats_per_s"] > 0
     assert result["figure"] > 0
     assert conditions["hub_rss_mb"] is not None and 5 < conditions["hub_rss_mb"] < 2000
+
+
+@pytest.mark.timeout(180)
+def test_cold_start_quick_times_real_workers_and_reads_the_idle_node() -> None:
+    from fogline.bench import cold_start
+
+    result = cold_start.run(quick=True)
+    assert_result_shape(result, "cold-start", "lower")
+    conditions = result["conditions"]
+    # A worker is a Python process: slower than a bare interpreter, never instant.
+    assert result["peer_figure"] < result["figure"] < 10_000
+    assert conditions["worker_ready_ms_p50"] <= conditions["first_response_ms"]["p50"]
+    memory = conditions["idle_node_with_one_app_rss_mb"]
+    assert memory["agent"] > 5 and memory["worker"] > 5 and memory["broker"] > 1
+    assert memory["total"] == pytest.approx(memory["agent"] + memory["worker"]
+                                            + memory["broker"], abs=0.2)

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from fogline.bench import result
-from fogline.bench.heartbeats import FOGLINE, running_hub, stop_process, wait_until
+from fogline.bench.http_route import CODE, MANIFEST, fogline_node, write_app
 from fogline.clock import SystemClock
 from fogline.errors import ConfigError
 from fogline.node.apps.host import AppServices
@@ -34,28 +34,6 @@ from fogline.node.apps.supervisor import AppSupervisor
 
 GOAL_MS = 300.0
 MB = 1024 * 1024
-MANIFEST = """apiVersion: fogline/v1
-kind: App
-metadata: {name: hello, version: 1.0.0}
-spec:
-  entrypoint: hello_app:app
-"""
-CODE = """from fogline import App
-
-app = App("hello")
-
-
-@app.route("GET", "/hello")
-async def hello(req, ctx):
-    return {"hello": "world"}
-"""
-
-
-def write_app(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "fogline.yaml").write_text(MANIFEST)
-    (directory / "hello_app.py").write_text(CODE)
-    return directory
 
 
 def _unused() -> Any:
@@ -75,7 +53,7 @@ async def cold_starts(app_dir: Path, runs: int) -> list[tuple[float, float]]:
         supervisor.start()
         await supervisor.wait_running()
         ready = time.perf_counter()
-        reply = await supervisor.http("GET", "/hello", "", [], b"")
+        reply = await supervisor.http("GET", "/json", "", [], b"")
         first = time.perf_counter()
         if reply.status != 200:
             raise RuntimeError(f"first response was {reply.status}: {reply.body!r}")
@@ -93,32 +71,15 @@ def bare_python_ms(runs: int) -> list[float]:
     return times
 
 
-def idle_node_memory(workdir: Path, app_dir: Path, idle_s: float) -> dict[str, float]:
+def idle_node_memory(idle_s: float) -> dict[str, float]:
     """RSS (MB) of a node agent, its app worker and its broker, idle with one app."""
-    with running_hub(workdir) as hub:
-        token = hub.create_token(uses=1)
-        node_data = workdir / "n1"
-        log_path = workdir / "n1.log"
-        with open(log_path, "ab") as log:
-            node = subprocess.Popen(
-                [*FOGLINE, "node", "--data", str(node_data), "--hub", hub.url,
-                 "--token", token, "--name", "n1", "--app", str(app_dir)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            def serving() -> bool:
-                if node.poll() is not None:
-                    raise RuntimeError(f"node exited: {log_path.read_text()[-3000:]}")
-                return "app hello: running" in log_path.read_text()
-
-            wait_until(serving, 60, "the app to run", interval_s=0.2)
-            time.sleep(idle_s)
-            agent = psutil.Process(node.pid)
-            parts = {"agent": agent.memory_info().rss / MB, "worker": 0.0, "broker": 0.0}
-            for child in agent.children(recursive=True):
-                kind = "broker" if "nats-server" in child.name() else "worker"
-                parts[kind] += child.memory_info().rss / MB
-        finally:
-            stop_process(node)
+    with fogline_node(MANIFEST, CODE, "hello_app", cpu=None) as node:
+        time.sleep(idle_s)
+        agent = psutil.Process(node.pid)
+        parts = {"agent": agent.memory_info().rss / MB, "worker": 0.0, "broker": 0.0}
+        for child in agent.children(recursive=True):
+            kind = "broker" if "nats-server" in child.name() else "worker"
+            parts[kind] += child.memory_info().rss / MB
     parts["total"] = sum(parts.values())
     return {key: round(value, 1) for key, value in parts.items()}
 
@@ -132,7 +93,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         asyncio.run(cold_starts(app_dir, 1))
         timings = asyncio.run(cold_starts(app_dir, runs))
         floor = bare_python_ms(runs)
-        memory = idle_node_memory(workdir, app_dir, 2.0 if quick else 8.0)
+        memory = idle_node_memory(2.0 if quick else 8.0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     first = sorted(t for _, t in timings)

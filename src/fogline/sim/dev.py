@@ -321,33 +321,24 @@ class DevSession:
         """Import the changed app here; only if it loads, have the node replace its
         workers and wait until a new one answers."""
         started_s = time.monotonic()
-        # A worker started after this reads the files as they are now, or newer.
-        changed_at_s = time.time()
         try:
             info = inspect_app(self.app_dir)
         except ConfigError as exc:
             self.say(f"not reloaded: {exc}")
             self.say(f"{self.name} keeps serving the last version that loaded")
             return
-        before = await probe.status()
         error = await probe.reload()
         if error:
             self.say(f"not reloaded: {error}")
             self.say(f"{self.name} keeps serving the last version that loaded")
             return
-        failure, status = await probe.wait_serving(
-            RELOAD_TIMEOUT_S, changed_at_s,
-            recovering=before is not None and before["state"] != "running")
+        failure, _ = await probe.wait_serving(RELOAD_TIMEOUT_S)
         if failure:
             self.say(f"reload failed: {failure}")
             self.say(f"the node retries {self.name} with backoff; save a fix to reload it")
             return
         elapsed_ms = (time.monotonic() - started_s) * 1000
-        note = ""
-        if status is not None and status["state"] != "running":
-            note = (f"; the node reports it {status['state']} until the new worker has run "
-                    "a while")
-        self.say(f"reloaded {self.name} in {elapsed_ms:.0f} ms{note}")
+        self.say(f"reloaded {self.name} in {elapsed_ms:.0f} ms")
         if info.routes != self.info.routes:
             base = f"{self.endpoint}/{self.name}/"
             for line in info.route_lines(base) or ["(no routes)"]:
