@@ -65,3 +65,18 @@ def test_reset_forgets_a_crash_loop_but_not_the_restart_count() -> None:
     history.started(3.0)
     decision = history.exited(3.5)
     assert not decision.crash_loop and decision.delay_s == 0.2
+
+
+def test_a_worker_is_replaced_for_a_silent_loop_a_stuck_thread_or_its_memory() -> None:
+    from fogline.core.supervision import replace_reason
+
+    fine = {"silent_s": 0.5, "stuck_s": 0.0, "rss_bytes": 100 * 2**20, "timeout_s": 1.0,
+            "memory_mb": 160}
+    assert replace_reason(**fine) is None
+    assert replace_reason(**{**fine, "silent_s": 2.9}) is None  # within timeout + grace
+    assert replace_reason(**{**fine, "silent_s": 3.1}) == \
+        "hung: event loop blocked for over 3s"
+    assert replace_reason(**{**fine, "stuck_s": 3.5}) == \
+        "hung: a sync handler ran for over 3s"
+    assert replace_reason(**{**fine, "rss_bytes": 200 * 2**20}) == \
+        "memory limit 160 MB exceeded (RSS 200 MB)"

@@ -26,6 +26,25 @@ class RestartPolicy:
     stable_after_s: float = 30.0
 
 
+# Added to an app's handler timeout before a silent event loop counts as hung.
+HANG_GRACE_S = 2.0
+
+
+def replace_reason(*, silent_s: float, stuck_s: float, rss_bytes: int, timeout_s: float,
+                   memory_mb: int) -> str | None:
+    """Why a running worker must be replaced now, or None: its event loop has not
+    answered a ping, or a sync handler has held its thread, for longer than the app's
+    timeout plus a grace; or its RSS is over the app's memory limit."""
+    hang_s = timeout_s + HANG_GRACE_S
+    if silent_s > hang_s:
+        return f"hung: event loop blocked for over {hang_s:.0f}s"
+    if stuck_s > hang_s:
+        return f"hung: a sync handler ran for over {hang_s:.0f}s"
+    if rss_bytes > memory_mb * 1024 * 1024:
+        return f"memory limit {memory_mb} MB exceeded (RSS {rss_bytes / 2**20:.0f} MB)"
+    return None
+
+
 @dataclass(frozen=True)
 class RestartDecision:
     delay_s: float

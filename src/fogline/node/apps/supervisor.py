@@ -27,9 +27,11 @@ from typing import Any
 import psutil
 
 from fogline.clock import Clock
-from fogline.core.supervision import CrashHistory, RestartPolicy
+from fogline.core.supervision import CrashHistory, RestartPolicy, replace_reason
 from fogline.node.apps.host import AppServices, error_fields
 from fogline.node.apps.wire import (
+    EXIT_LOAD_FAILED,
+    LOAD_FAILED_EVENT,
     Frame,
     FrameChannel,
     Hello,
@@ -40,6 +42,7 @@ from fogline.node.apps.wire import (
     Rpc,
     RpcReply,
     Stats,
+    add_stats,
 )
 from fogline.protocol import AppStatus
 
@@ -47,11 +50,8 @@ log = logging.getLogger("fogline.node.apps")
 
 START_TIMEOUT_S = 30.0
 WATCH_INTERVAL_S = 0.5
-# Added to the app's handler timeout before a silent event loop counts as hung.
-HANG_GRACE_S = 2.0
 STOP_GRACE_S = 3.0
 OUTPUT_LINES_KEPT = 20
-EXIT_LOAD_FAILED = 3
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
@@ -178,12 +178,11 @@ class AppSupervisor:
 
     def stats(self) -> Stats:
         """Counters over every worker this supervisor ran."""
-        fields = Stats.__struct_fields__
-        total = [getattr(self.stats_total, f) for f in fields]
+        total = self.stats_total
         for worker in self.workers:
             if worker is not None:
-                total = [a + getattr(worker.stats, f) for a, f in zip(total, fields, strict=True)]
-        return Stats(*total)
+                total = add_stats(total, worker.stats)
+        return total
 
     # Requests ---------------------------------------------------------------------------
 
@@ -287,28 +286,22 @@ class AppSupervisor:
     async def _watch(self, worker: WorkerProcess) -> None:
         """Ping, and check RSS, until the worker has to be replaced."""
         limits = self.definition.limits
-        hang_s = limits.timeout_s + HANG_GRACE_S
-        memory_bytes = limits.memory_mb * 1024 * 1024
         process = psutil.Process(worker.process.pid)
         ping_ids = itertools.count(1)
         worker.last_pong_s = self.clock.monotonic()
         while True:
             worker.channel.send(Ping(next(ping_ids)))
             await asyncio.sleep(WATCH_INTERVAL_S)
-            silent_s = self.clock.monotonic() - worker.last_pong_s
-            if silent_s > hang_s:
-                return self._kill(worker, f"hung: event loop blocked for over {hang_s:.0f}s")
-            if worker.stuck_s > hang_s:
-                return self._kill(worker, f"hung: a sync handler ran for over {hang_s:.0f}s")
             try:
                 rss = process.memory_info().rss
             except psutil.Error:
                 return
-            if rss > memory_bytes:
-                return self._kill(worker, f"memory limit {limits.memory_mb} MB exceeded "
-                                  f"(RSS {rss / 2**20:.0f} MB)")
-            history = self.history[worker.index]
-            if history.check_stable(self.clock.now()):
+            reason = replace_reason(silent_s=self.clock.monotonic() - worker.last_pong_s,
+                                    stuck_s=worker.stuck_s, rss_bytes=rss,
+                                    timeout_s=limits.timeout_s, memory_mb=limits.memory_mb)
+            if reason is not None:
+                return self._kill(worker, reason)
+            if self.history[worker.index].check_stable(self.clock.now()):
                 self._set_state("running")
 
     def _kill(self, worker: WorkerProcess, reason: str) -> None:
@@ -325,7 +318,7 @@ class AppSupervisor:
             for line in reversed(worker.output):
                 with contextlib.suppress(ValueError, AttributeError):
                     record = json.loads(line)
-                    if record.get("event") == "app failed to load":
+                    if record.get("event") == LOAD_FAILED_EVENT:
                         return f"failed to load: {record.get('error')}"
             return "failed to load"
         if code < 0:
@@ -409,9 +402,7 @@ class AppSupervisor:
         return False
 
     def _add_stats(self, worker: WorkerProcess) -> None:
-        fields = Stats.__struct_fields__
-        self.stats_total = Stats(*(getattr(self.stats_total, f) + getattr(worker.stats, f)
-                                   for f in fields))
+        self.stats_total = add_stats(self.stats_total, worker.stats)
         worker.stats = Stats()
 
     async def _stop_worker(self, worker: WorkerProcess, reason: str) -> None:

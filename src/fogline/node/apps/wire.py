@@ -86,7 +86,16 @@ class Stats(msgspec.Struct, array_like=True, tag=8):
     schedule_runs: int = 0
 
 
+def add_stats(a: Stats, b: Stats) -> Stats:
+    return Stats(*(getattr(a, f) + getattr(b, f) for f in Stats.__struct_fields__))
+
+
 Frame = HttpCall | HttpReply | Ping | Pong | Hello | Rpc | RpcReply | Stats
+
+# A worker whose app cannot be imported logs this event (with `error`) and exits with
+# this code; the node shows that error as the app's reason.
+EXIT_LOAD_FAILED = 3
+LOAD_FAILED_EVENT = "app failed to load"
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)

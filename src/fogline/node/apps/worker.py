@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import msgspec
+
 from fogline.app import (
     App,
     Message,
@@ -46,6 +48,8 @@ from fogline.errors import ConfigError, ProtocolError
 from fogline.node.apps.context import StateReader, StructuredLog, WorkerContext, rpc_error
 from fogline.node.apps.loader import import_entrypoint
 from fogline.node.apps.wire import (
+    EXIT_LOAD_FAILED,
+    LOAD_FAILED_EVENT,
     Frame,
     FrameChannel,
     Hello,
@@ -58,7 +62,6 @@ from fogline.node.apps.wire import (
     Stats,
 )
 
-EXIT_LOAD_FAILED = 3
 SYNC_THREADS = 8
 STATS_INTERVAL_S = 1.0
 DRAIN_S = 2.0
@@ -348,7 +351,7 @@ class Worker:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             if self.stats != self._stats_sent and self.channel is not None:
-                snapshot = Stats(*(getattr(self.stats, f) for f in Stats.__struct_fields__))
+                snapshot = msgspec.structs.replace(self.stats)  # self.stats keeps counting
                 self.channel.send(snapshot)
                 self._stats_sent = snapshot
 
@@ -380,7 +383,7 @@ def main(argv: list[str]) -> None:
         try:
             await worker.run(fd)
         except ConfigError as exc:
-            worker.log.error("app failed to load", error=str(exc))
+            worker.log.error(LOAD_FAILED_EVENT, error=str(exc))
             sys.stderr.flush()
             os._exit(EXIT_LOAD_FAILED)
 
