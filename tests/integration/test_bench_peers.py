@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fogline.bench import front_choice, peers
+from fogline.bench import compare, front_choice, peers
 from fogline.transport.nats_server import free_port
 from tests.benchcheck import assert_result_shape
 
@@ -191,7 +191,7 @@ def test_mqtt_flow_load_reports_loss_when_nothing_answers(mosquitto: str) -> Non
 @pytest.mark.timeout(180)
 def test_http_route_harness_reports_the_shared_shape(bench_peers: None) -> None:
     # workerd stands in for the fogline side until that is plugged in.
-    out = peers.compare_http_route(fogline=peers.workerd_target, quick=True)
+    out = compare.compare_http_route(fogline=compare.workerd_target, quick=True)
     assert_result_shape(out, "http-route", "higher")
     assert out["conditions"]["fogline"]["errors"] == 0
     assert out["conditions"]["peer"]["half_p50_ms"] > 0
@@ -199,7 +199,7 @@ def test_http_route_harness_reports_the_shared_shape(bench_peers: None) -> None:
 
 @pytest.mark.timeout(180)
 def test_mqtt_flow_harness_reports_the_shared_shape(mosquitto: str) -> None:
-    out = peers.compare_mqtt_flow(fogline=peers.node_red_target, quick=True)
+    out = compare.compare_mqtt_flow(fogline=compare.node_red_target, quick=True)
     assert_result_shape(out, "mqtt-flow", "higher")
     assert out["conditions"]["fogline_lost"] == 0
     assert out["conditions"]["generator_ceiling_msgs_per_s"] > out["peer_figure"] > 0

@@ -3,7 +3,7 @@
 fogline: a node (agent + the app's worker process, both pinned to core 0) serving
 `GET /hello/json` -> {"hello": "world"} from an app through its HTTP front. Peer:
 Cloudflare's workerd (npm) on core 0 serving the equivalent worker. The rounds, loads
-and noise accounting are `bench.peers.compare_http_route`: wrk on core 1 for the
+and noise accounting are `bench.compare.compare_http_route`: wrk on core 1 for the
 maximum, alternating fogline and workerd, then an open-loop generator on core 1 at 50%
 of each one's own maximum for the p99. Goal: fogline's rps at or above workerd's, and
 fogline's p99 at 50% load at most 2 ms.
@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fogline.bench.compare import compare_http_route
 from fogline.bench.heartbeats import FOGLINE, running_hub, stop_process, wait_until
-from fogline.bench.peers import PeerProcess, compare_http_route, pinned
+from fogline.bench.peers import PeerProcess, pinned
 
 MANIFEST = """apiVersion: fogline/v1
 kind: App

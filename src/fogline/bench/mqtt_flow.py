@@ -6,7 +6,7 @@ The same flow on both, through the same Mosquitto: a device message
 Mosquitto and an app whose topic handler publishes the answer, node and worker pinned
 to core 0. Peer: Node-RED (npm) with mqtt in -> function -> mqtt out, on core 0. The
 rounds, the generator (gmqtt on core 1, at most 900 messages in flight) and the
-generator's own ceiling are `bench.peers.compare_mqtt_flow`. Goal: >= 30k msg/s on the
+generator's own ceiling are `bench.compare.compare_mqtt_flow`. Goal: >= 30k msg/s on the
 core and >= 3x Node-RED, nothing lost.
 
 The broker is a private Mosquitto with the configuration docs/mqtt.md recommends
@@ -28,16 +28,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fogline.bench.compare import compare_mqtt_flow
 from fogline.bench.http_route import fogline_node
 from fogline.bench.mqtt_choice import MOSQUITTO_QOS1_SAFE
 from fogline.bench.peers import (
     PeerProcess,
-    compare_mqtt_flow,
     run_coroutine,
     stop,
     wait_flow,
 )
-from fogline.transport.nats_server import die_with_parent, free_port
+from fogline.transport.nats_server import die_with_parent, free_port, wait_for_port
 
 MANIFEST = """apiVersion: fogline/v1
 kind: App
@@ -82,26 +82,10 @@ def private_mosquitto() -> Iterator[str]:
                                        stdout=log, stderr=subprocess.STDOUT,
                                        preexec_fn=die_with_parent)
         try:
-            run_coroutine(_wait_port(port, process))
+            run_coroutine(wait_for_port("127.0.0.1", port, None, 10.0, "mosquitto"))
             yield f"mqtt://127.0.0.1:{port}"
         finally:
             stop(process)
-
-
-async def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    import asyncio
-
-    for _ in range(200):
-        if process.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {process.returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise RuntimeError("mosquitto did not listen within 10 s")
 
 
 def run(quick: bool = False) -> dict[str, Any]:
