@@ -70,3 +70,16 @@ def test_plan_limits_the_size_of_a_declaration() -> None:
     defs = [CollectionDef(f"c{i}", "map", "node") for i in range(DECLARE_DEFS_MAX + 1)]
     create, _, errors = check_declaration(defs, {})
     assert not create and "at most" in errors[0]
+
+
+def test_refused_collections_are_those_neither_created_nor_existing_with_their_error() -> None:
+    from fogline.core.sync import CollectionDef, refused_collections
+
+    declared = [CollectionDef("a", "map", "node"), CollectionDef("b", "set", "global"),
+                CollectionDef("c", "counter", "region")]
+    result = DeclareResult(created=["a"], existing=[],
+                           errors=["collection 'b' exists as map/global, not set/global"])
+    assert refused_collections(declared, result) == {
+        "b": "collection 'b' exists as map/global, not set/global", "c": "refused"}
+    assert refused_collections(declared, DeclareResult(created=["a", "b"],
+                                                       existing=["c"])) == {}

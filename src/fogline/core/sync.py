@@ -151,6 +151,15 @@ def declare_subject(node_id: str) -> str:
 DECLARE_WILDCARD = "fl.node.*.declare"
 
 
+def refused_collections(declared: list[CollectionDef],
+                        result: DeclareResult) -> dict[str, str]:
+    """The declared collections the hub neither created nor found alike, each with the
+    hub's error that names it (the node stops the apps that use them)."""
+    accepted = set(result.created) | set(result.existing)
+    return {d.name: next((e for e in result.errors if repr(d.name) in e), "refused")
+            for d in declared if d.name not in accepted}
+
+
 def check_declaration(defs: list[CollectionDef],
                       known: dict[str, CollectionDef]) -> tuple[list[CollectionDef], list[str],
                                                                 list[str]]:

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from fogline import __version__
 from fogline.clock import Clock, SystemClock
 from fogline.core.outbox import StreamPolicy
+from fogline.core.sync import refused_collections
 from fogline.errors import AuthError, FoglineError, ProtocolError
 from fogline.node import identity as ident
 from fogline.node.apps.front import AppFront
@@ -245,10 +246,9 @@ class NodeAgent:
                 await self.clock.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_BACKOFF_MAX_S)
                 continue
-            accepted = set(result.created) | set(result.existing)
-            refused = {d.name: next((e for e in result.errors if repr(d.name) in e),
-                                    "refused") for d in declared if d.name not in accepted}
-            if refused and self.apps is not None:
+            refused = refused_collections(declared, result)
+            if refused:
+                assert self.apps is not None  # only apps declare collections
                 log.error("the hub refused app collections: %s", refused)
                 await self.apps.refuse(refused)
             break
