@@ -51,6 +51,28 @@ def command_subject(node_id: str) -> str:
     return f"fl.cmd.{node_id}"
 
 
+def desired_notify_subject(node_id: str) -> str:
+    """The hub publishes a node's new DesiredState here (within the node's fl.cmd)."""
+    return f"fl.cmd.{node_id}.desired"
+
+
+def desired_get_subject(node_id: str) -> str:
+    """Request/reply: the node asks for its current DesiredState (empty payload)."""
+    return f"fl.node.{node_id}.desired"
+
+
+def artifact_subject(node_id: str) -> str:
+    """Request/reply: the node fetches a chunk of a bundle it was told to run."""
+    return f"fl.node.{node_id}.artifact"
+
+
+DESIRED_GET_WILDCARD = "fl.node.*.desired"
+ARTIFACT_WILDCARD = "fl.node.*.artifact"
+# JetStream buckets of the hub: desired state per node (KV) and bundles (Object Store).
+DESIRED_BUCKET = "fl-desired"
+ARTIFACT_BUCKET = "fl-artifacts"
+
+
 def inbox_prefix(node_id: str) -> str:
     return f"_INBOX.{node_id}"
 
@@ -82,6 +104,18 @@ class Load(msgspec.Struct, frozen=True):
     rss_bytes: int = 0
 
 
+class AppWindow(msgspec.Struct, frozen=True):
+    """An app's recent traffic on one node: counts over the last `seconds` and the p99
+    of its HTTP handling time; `metrics` are the other counters over the same window
+    (timeouts, handler_errors, malformed, ...)."""
+
+    seconds: float
+    requests: Annotated[int, msgspec.Meta(ge=0)] = 0
+    errors: Annotated[int, msgspec.Meta(ge=0)] = 0
+    p99_ms: float = 0.0
+    metrics: Annotated[dict[str, float], msgspec.Meta(max_length=32)] = {}
+
+
 class AppStatus(msgspec.Struct, frozen=True):
     """One app on a node as its supervisor sees it. `reason` says why it is not running
     (e.g. "memory limit 256 MB exceeded"); `since_s` is when it entered `state`."""
@@ -92,12 +126,26 @@ class AppStatus(msgspec.Struct, frozen=True):
     restarts: Annotated[int, msgspec.Meta(ge=0)] = 0
     reason: str = ""
     since_s: float = 0.0
+    # The deployment revision running (0 for an app given to the node locally).
+    revision: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # What the app served in the last `window_s` seconds: rollout gates read these.
+    window: AppWindow | None = None
 
     def clipped(self) -> AppStatus:
         """This status with `reason` cut to APP_REASON_CHARS_MAX characters."""
         if len(self.reason) <= APP_REASON_CHARS_MAX:
             return self
         return msgspec.structs.replace(self, reason=self.reason[:APP_REASON_CHARS_MAX - 1] + "…")
+
+
+class BundleRefusal(msgspec.Struct, frozen=True):
+    """A deployed revision the node will not run, and why (`code` as in
+    fogline.bundle.BundleRejected: unsigned, unknown-key, bad-signature, ...)."""
+
+    app: str
+    revision: int
+    code: str
+    reason: str = ""
 
 
 class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
@@ -118,6 +166,11 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
     sync_clean_hlc_ms: int = 0
     # Every app the node supervises; nodes without apps (or older nodes) send none.
     apps: Annotated[tuple[AppStatus, ...], msgspec.Meta(max_length=APPS_PER_NODE_MAX)] = ()
+    # The generation of desired state the node has acted on, and the deployed bundles
+    # it refused (it keeps running what it had).
+    desired_generation: int = 0
+    refusals: Annotated[tuple[BundleRefusal, ...],
+                        msgspec.Meta(max_length=APPS_PER_NODE_MAX)] = ()
     v: int = PROTOCOL_VERSION
 
 
@@ -129,7 +182,63 @@ class Command(msgspec.Struct, frozen=True, tag="cmd"):
     v: int = PROTOCOL_VERSION
 
 
-Message = Heartbeat | Command
+class DesiredApp(msgspec.Struct, frozen=True):
+    """One app a node should run: which revision, and the bundle that holds it."""
+
+    name: str
+    revision: int
+    version: str
+    digest: str
+    size: int
+    key_id: str
+    signature: str
+
+
+class PublisherKey(msgspec.Struct, frozen=True):
+    key_id: str
+    public_key: str  # base64 of the raw 32-byte ed25519 key
+
+
+class DesiredState(msgspec.Struct, frozen=True, tag="desired"):
+    """Everything the hub wants one node to run. `generation` grows with every change
+    for the node, so a node never acts on an older state after a newer one."""
+
+    node_id: str
+    generation: int
+    apps: tuple[DesiredApp, ...] = ()
+    keys: tuple[PublisherKey, ...] = ()
+    v: int = PROTOCOL_VERSION
+
+
+# Bundles travel to nodes in chunks well under MAX_MESSAGE_BYTES.
+ARTIFACT_CHUNK_BYTES = 512 * 1024
+
+
+class ArtifactRequest(msgspec.Struct, frozen=True, tag="artifact-get"):
+    """A node asks for `ARTIFACT_CHUNK_BYTES` of a bundle from `offset`; the hub serves
+    only bundles in that node's desired state."""
+
+    digest: str
+    offset: int = 0
+    v: int = PROTOCOL_VERSION
+
+
+class ArtifactChunk(msgspec.Struct, frozen=True, tag="artifact"):
+    digest: str
+    offset: int
+    total: int
+    data: bytes = b""
+    # Set instead of data when the hub will not serve it (unknown, not yours).
+    error: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+class DesiredRequest(msgspec.Struct, frozen=True, tag="desired-get"):
+    v: int = PROTOCOL_VERSION
+
+
+Message = (Heartbeat | Command | DesiredState | ArtifactRequest | ArtifactChunk
+           | DesiredRequest)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

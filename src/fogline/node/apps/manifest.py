@@ -46,6 +46,7 @@ from fogline.app import App
 from fogline.core.approutes import parse_interval
 from fogline.core.crdt import CollectionType, Scope
 from fogline.core.outbox import DEFAULT_QUOTA_BYTES, Overflow, StreamPolicy
+from fogline.deploy_spec import PinSpec, PlacementSpec, RolloutSpec
 from fogline.errors import ConfigError
 from fogline.node.apps.loader import import_entrypoint
 
@@ -117,6 +118,10 @@ class AppSpec(_Model):
     config: dict[str, Any] = {}
     requirements: list[str] = Field(default=[], max_length=REQUIREMENTS_MAX)
     limits: Limits = Limits()
+    # Where and how the hub deploys the app (fogline.deploy_spec); the node ignores them.
+    placement: PlacementSpec | None = None
+    rollout: RolloutSpec | None = None
+    pins: list[PinSpec] | None = None
 
     @field_validator("entrypoint")
     @classmethod
