@@ -1,4 +1,4 @@
-"""The `fogline` command: hub, node, token, get, dev, demo, bench."""
+"""The `fogline` command: hub, node, token, get, apply, rollout, keys, dev, demo, bench."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fogline import __version__
+from fogline import __version__, cli_deploy
 from fogline.cliutil import (
     HubClient,
     parse_duration_s,
@@ -41,6 +41,12 @@ app.add_typer(token_app, name="token")
 app.add_typer(get_app, name="get")
 app.add_typer(collection_app, name="collection")
 app.add_typer(sim_app, name="sim")
+app.add_typer(cli_deploy.keys_app, name="keys")
+app.add_typer(cli_deploy.rollout_app, name="rollout")
+app.command("apply")(cli_deploy.apply)
+app.command("delete")(cli_deploy.delete)
+get_app.command("deployments")(cli_deploy.get_deployments)
+get_app.command("rollouts")(cli_deploy.get_rollouts)
 
 console = Console()
 

@@ -73,6 +73,18 @@ def parse_stream_policy(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), fields
 
 
+def _actor() -> str:
+    """Who runs this command, for the hub's audit log."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
 @dataclass(frozen=True)
 class HubClient:
     """The hub's HTTP API as the CLI uses it."""
@@ -107,8 +119,9 @@ class HubClient:
 
         try:
             response = httpx.request(method, f"{self.url}{path}", json=body,
-                                     headers={"Authorization": f"Bearer {self.token}"},
-                                     verify=self.verify, timeout=15)
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "X-Fogline-Actor": _actor()},
+                                     verify=self.verify, timeout=60)
         except httpx.HTTPError as exc:
             raise ConfigError(f"cannot reach the hub at {self.url}: {exc}") from exc
         if response.status_code == 401:

@@ -25,6 +25,7 @@ from fogline.core.sync import CollectionDef, check_definition
 from fogline.core.tokens import TokenRecord, new_token
 from fogline.errors import AuthError, ConfigError, FoglineError, NotFoundError, ProtocolError
 from fogline.hub.collections import CollectionStore
+from fogline.hub.deploy_api import add_deploy_routes
 from fogline.hub.enrollment import Credentials, Enrollment
 from fogline.hub.ingest import list_streams, read_records
 from fogline.hub.store import HubStore
@@ -155,12 +156,15 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
     async def _fogline_error(_request: Request, exc: FoglineError) -> JSONResponse:
         return _error_response(exc)
 
-    def admin(authorization: Annotated[str | None, Header()] = None) -> str:
+    def admin(authorization: Annotated[str | None, Header()] = None,
+              x_fogline_actor: Annotated[str | None, Header()] = None) -> str:
         expected = f"Bearer {admin_token}"
         if authorization is None or not hmac.compare_digest(authorization, expected):
             raise HTTPException(401, "admin token required",
                                 headers={"WWW-Authenticate": "Bearer"})
-        return "admin"
+        # Who holds the token, as the CLI says (user@host): for the audit log.
+        who = (x_fogline_actor or "").strip()[:100]
+        return f"admin ({who})" if who else "admin"
 
     Admin = Annotated[str, Depends(admin)]
 
@@ -271,6 +275,8 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
                        limit: int = 100) -> Any:
         return read_records(store.engine, node_id, stream, after_seq,
                             min(max(limit, 1), 10_000))
+
+    add_deploy_routes(app, hub, Admin)  # type: ignore[arg-type]
 
     @app.get("/v1/events")
     def list_events(_: Admin, limit: int = 200) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from fogline.clock import Clock
@@ -21,7 +22,7 @@ from fogline.core.appstatus import AppChange, failure_changes
 from fogline.core.health import HealthPolicy, NodeHealth, check_liveness, observe_heartbeat
 from fogline.errors import ProtocolError
 from fogline.hub.store import HeartbeatUpdate, HubStore
-from fogline.protocol import Heartbeat, decode, node_id_from_subject
+from fogline.protocol import APP_REASON_CHARS_MAX, Heartbeat, decode, node_id_from_subject
 
 log = logging.getLogger("fogline.hub.heartbeats")
 
@@ -122,6 +123,11 @@ class HeartbeatProcessor:
                     node_id=node_id, health=after, seq=hb.seq, version=hb.version,
                     endpoint=hb.endpoint, failing_checks=hb.failing_checks,
                     sync_clean_ms=hb.sync_clean_hlc_ms, apps=apps,
+                    refusals=tuple(r if len(r.reason) <= APP_REASON_CHARS_MAX else
+                                   msgspec.structs.replace(
+                                       r, reason=r.reason[:APP_REASON_CHARS_MAX])
+                                   for r in hb.refusals),
+                    desired_generation=hb.desired_generation,
                     load={"cpu_percent": hb.load.cpu_percent,
                           "memory_percent": hb.load.memory_percent,
                           "load1": hb.load.load1, "rss_bytes": hb.load.rss_bytes,

@@ -26,6 +26,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Gauge
 
+from fogline.bundle import check_digest, verify
 from fogline.clock import Clock, SystemClock
 from fogline.core.health import HealthPolicy, revoke
 from fogline.core.sync import CollectionDef
@@ -33,6 +34,8 @@ from fogline.errors import ConfigError
 from fogline.fsutil import write_private
 from fogline.hub.api import create_api
 from fogline.hub.collections import CollectionStore
+from fogline.hub.deployments import HubDeployments
+from fogline.hub.desired import DesiredPublisher
 from fogline.hub.enrollment import Enrollment
 from fogline.hub.heartbeats import HeartbeatMetrics, HeartbeatProcessor
 from fogline.hub.ingest import IngestWorker
@@ -102,6 +105,8 @@ class HubConfig:
     # the missed-heartbeat rule.
     sweep_interval_s: float = 0.5
     tombstone_gc_interval_s: float = 60.0
+    # How often rollouts are advanced and desired state published (also on any change).
+    rollout_tick_s: float = 0.5
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]],
@@ -134,6 +139,7 @@ class Hub:
         self._system_nc: NatsClient | None = None
         self._nc: NatsClient | None = None
         self.store: HubStore | None = None
+        self.publisher: DesiredPublisher | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -227,6 +233,20 @@ class Hub:
         future.result(timeout=10)
         return {"node_id": node_id, "status": "revoked", "reason": reason}
 
+    def apply_bundle(self, manifest: dict[str, Any], bundle: bytes, digest: str,
+                     key_id: str, signature: str, actor: str, reason: str) -> dict[str, Any]:
+        """Check the bundle, put it in the Object Store, then record the revision."""
+        check_digest(bundle, digest)
+        name = str(manifest.get("metadata", {}).get("name", ""))
+        version = str(manifest.get("metadata", {}).get("version", ""))
+        verify(self.deployments.store.trusted_keys(), key_id, signature, name, version,
+               digest)
+        assert self.publisher is not None
+        asyncio.run_coroutine_threadsafe(self.publisher.store_bundle(digest, bundle),
+                                         self._loop).result(timeout=60)
+        return self.deployments.apply(manifest, bundle, digest, key_id, signature, actor,
+                                      reason)
+
     def define_collection(self, definition: CollectionDef) -> str:
         future = asyncio.run_coroutine_threadsafe(self.sync.define(definition), self._loop)
         return future.result(timeout=15)
@@ -289,6 +309,10 @@ class Hub:
         self.collections = CollectionStore(self.store.engine)
         self.sync = HubSync(self.collections, self.store, self._nc, js, self.clock,
                             SyncMetrics(self.registry))
+        self.publisher = DesiredPublisher(self._nc, js)
+        await self.publisher.open()
+        self.deployments = HubDeployments(self.store, self.clock, self.publisher,
+                                          self.config.rollout_tick_s)
         processor = HeartbeatProcessor(self.store, self.clock,  # type: ignore[arg-type]
                                        HeartbeatMetrics(self.registry), self.config.policy)
 
@@ -312,6 +336,7 @@ class Hub:
                                             lambda: self._intake_loop(processor)))
                 group.create_task(supervise("collection merge", self.sync.run_merge))
                 group.create_task(supervise("stream ingest", ingest.run))
+                group.create_task(supervise("rollouts", self.deployments.run))
                 group.create_task(supervise("snapshots", self.sync.run_snapshots))
                 group.create_task(supervise("collection declarations",
                                             self.sync.run_declarations))

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from fogline.core.health import NodeHealth
 from fogline.core.tokens import TokenRecord
 from fogline.errors import ConfigError, NotFoundError
-from fogline.protocol import AppStatus
+from fogline.protocol import AppStatus, BundleRefusal
 
 metadata = sa.MetaData()
 
@@ -54,6 +54,10 @@ nodes = sa.Table(
     sa.Column("cert_expires_s", sa.Float, nullable=False),
     # The apps of the node's latest heartbeat (AppStatus as JSON objects).
     sa.Column("apps", sa.JSON, nullable=False, server_default=sa.text("'[]'")),
+    # Deployed revisions the node refused (BundleRefusal as JSON objects), and the
+    # generation of desired state it last acted on.
+    sa.Column("refusals", sa.JSON, nullable=False, server_default=sa.text("'[]'")),
+    sa.Column("desired_generation", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 tokens = sa.Table(
@@ -83,6 +87,45 @@ events = sa.Table(
     sa.Column("kind", sa.String(64), nullable=False),
     sa.Column("subject", sa.String(128), nullable=False),
     sa.Column("detail", sa.JSON, nullable=False),
+)
+
+# Deployments: publisher keys, app revisions (each a signed bundle), the deployment of
+# each app (where and how: fogline.deploy_spec) and its current rollout.
+publisher_keys = sa.Table(
+    "fl_publisher_keys", metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("public_key", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False, default=""),
+    sa.Column("created_at_s", sa.Float, nullable=False),
+    sa.Column("revoked_at_s", sa.Float),
+)
+
+revisions = sa.Table(
+    "fl_revisions", metadata,
+    sa.Column("app", sa.String(64), primary_key=True),
+    sa.Column("revision", sa.Integer, primary_key=True),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("digest", sa.String(80), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("signature", sa.String(128), nullable=False),
+    sa.Column("manifest", sa.JSON, nullable=False),
+    sa.Column("created_at_s", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+)
+
+deployments = sa.Table(
+    "fl_deployments", metadata,
+    sa.Column("app", sa.String(64), primary_key=True),
+    sa.Column("revision", sa.Integer, nullable=False),  # the latest applied
+    sa.Column("spec", sa.JSON, nullable=False),  # placement, rollout, pins
+    sa.Column("updated_at_s", sa.Float, nullable=False),
+    # The rollout (fogline.core.rollout.Rollout as JSON) and a counter bumped by every
+    # write, so two hub processes never overwrite each other's step.
+    sa.Column("rollout", sa.JSON, nullable=False),
+    sa.Column("rollout_seq", sa.Integer, nullable=False, default=0),
+    # Nodes the placement picked that cannot run the app: id -> reason.
+    sa.Column("unsatisfied", sa.JSON, nullable=False),
 )
 
 _HEALTH_COLUMNS = ("status", "status_since_s", "status_reason", "last_seen_s", "interval_s",
@@ -125,6 +168,8 @@ class HeartbeatUpdate:
     failing_checks: tuple[str, ...]
     sync_clean_ms: int = 0
     apps: tuple[AppStatus, ...] = ()
+    refusals: tuple[BundleRefusal, ...] = ()
+    desired_generation: int = 0
 
 
 def upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
@@ -338,12 +383,16 @@ class HubStore:
                      "load": sa.bindparam("b_load"),
                      "sync_clean_ms": sa.bindparam("b_sync_clean_ms"),
                      "apps": sa.bindparam("b_apps"),
+                     "refusals": sa.bindparam("b_refusals"),
+                     "desired_generation": sa.bindparam("b_desired_generation"),
                      "failing_checks": sa.bindparam("b_failing_checks")}))
         params = [{
             "b_id": u.node_id, "b_seq": u.seq, "b_version": u.version,
             "b_endpoint": u.endpoint, "b_load": u.load,
             "b_failing_checks": list(u.failing_checks), "b_sync_clean_ms": u.sync_clean_ms,
             "b_apps": msgspec.to_builtins(u.apps),
+            "b_refusals": msgspec.to_builtins(u.refusals),
+            "b_desired_generation": u.desired_generation,
             **{f"b_{k}": v for k, v in health_values(u.health).items()},
         } for u in updates]
         with self._tx() as conn:
