@@ -52,7 +52,7 @@ def _files(path: Path) -> Iterator[Path]:
 
 def read_documents(path: Path) -> list[Document]:
     """Every fogline manifest under `path`, validated; ConfigError naming file and field."""
-    from fogline.node.apps.manifest import MANIFEST_FILE, parse_manifest
+    from fogline.manifest import MANIFEST_FILE, parse_manifest
 
     documents: list[Document] = []
     for file in _files(path):

@@ -105,7 +105,7 @@ class HubDeployments:
               signature: str, actor: str, reason: str = "") -> dict[str, Any]:
         """Validate and record; the bundle is stored by the caller (`store_bundle`)
         first. Returns {"app", "result": created|configured|unchanged, "revision"}."""
-        from fogline.node.apps.manifest import parse_manifest
+        from fogline.manifest import parse_manifest
 
         parsed = parse_manifest(manifest, "manifest")
         name, version = parsed.metadata.name, parsed.metadata.version

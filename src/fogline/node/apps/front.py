@@ -72,6 +72,10 @@ class AppFront:
                 return await self._too_large(send, limit)
             body += chunk
             more = message.get("more_body", False)
+        # A deployment may have switched the app to a new version while the body was
+        # read: look it up again, with no await before the call, so the call goes to a
+        # version that is not being drained.
+        supervisor = self.apps().get(supervisor.name, supervisor)
         try:
             reply = await supervisor.http(scope["method"], path,
                                           scope["query_string"].decode("latin-1"), headers,

@@ -3,6 +3,12 @@
 Before an app's workers start, the collections it declares are defined locally (so it
 can write with the hub unreachable; the agent asks the hub to create them once it is
 reachable) and its streams get their policies in the node's outbox.
+
+Apps come two ways: given locally (`--app DIR`, at construction) or deployed by the hub
+(`activate(DIR, revision)`). A deployed revision starts beside the one serving; once
+every worker of it is ready, one dict assignment in `supervisors` switches the front to
+it for the next request, and the old one finishes its calls in flight before it stops.
+A revision that does not start leaves the old one serving.
 """
 
 from __future__ import annotations
@@ -20,16 +26,31 @@ from fogline.clock import Clock
 from fogline.core.outbox import StreamPolicy
 from fogline.core.supervision import RestartPolicy
 from fogline.core.sync import CollectionDef
-from fogline.errors import ConfigError
+from fogline.errors import ConfigError, TerminalError
 from fogline.node.apps.environment import ensure_environment
 from fogline.node.apps.front import RESERVED_NAMES
 from fogline.node.apps.host import AppServices
-from fogline.node.apps.supervisor import AppDefinition, AppLimits, AppSupervisor
+from fogline.node.apps.supervisor import (
+    AppDefinition,
+    AppLimits,
+    AppSupervisor,
+    AppUnavailable,
+)
 from fogline.node.collections import NodeCollections
 from fogline.node.outbox import Outbox
 from fogline.protocol import AppStatus
 
 log = logging.getLogger("fogline.node.apps")
+
+# How long a replaced version gets to answer the calls it took before it is stopped.
+DRAIN_TIMEOUT_S = 5.0
+OUTPUT_LINES_REPORTED = 5
+FAILURE_CHARS_MAX = 2000
+
+
+class ActivationFailed(TerminalError):
+    """A deployed revision did not start (or may not replace the app named); the
+    version serving before is untouched. The message says why."""
 
 
 def read_definition(directory: Path | str) -> tuple[AppDefinition, list[CollectionDef],
@@ -37,7 +58,7 @@ def read_definition(directory: Path | str) -> tuple[AppDefinition, list[Collecti
     """Validate `DIR/fogline.yaml` (ConfigError naming file and field) and return what the
     node needs to run the app."""
     # pydantic and YAML load only on nodes that run apps.
-    from fogline.node.apps.manifest import read_manifest
+    from fogline.manifest import read_manifest
 
     root = Path(directory).resolve()
     manifest = read_manifest(root)
@@ -69,6 +90,9 @@ class NodeApps:
         if repeated:
             raise ConfigError(f"two app directories define the same app: {', '.join(repeated)}")
         self.supervisors: dict[str, AppSupervisor] = {}
+        self._local = frozenset(names)
+        self._revisions: dict[str, int] = {}  # deployed app -> revision serving
+        self._locks: dict[str, asyncio.Lock] = {}  # one change of an app at a time
         self.on_change: Callable[[AppSupervisor], None] | None = None
         self._collections: NodeCollections | None = None
         self._outbox: Outbox | None = None
@@ -91,15 +115,18 @@ class NodeApps:
         await self._collections.define_local(defs)
         self._outbox.policies.update(streams)
 
-    async def _start(self, definition: AppDefinition) -> None:
+    def _build(self, definition: AppDefinition, revision: int) -> AppSupervisor:
         assert self._collections is not None and self._outbox is not None
-        problem = await self._environment(definition)
         collections, outbox = self._collections, self._outbox
         services = AppServices(definition.name, definition.collections, definition.streams,
                                lambda: collections, lambda: outbox)
-        supervisor = AppSupervisor(definition, services, self._context["node"],
-                                   collections.writer.path.resolve(), self._context["mqtt_url"],
-                                   self.clock, self.policy)
+        return AppSupervisor(definition, services, self._context["node"],
+                             collections.writer.path.resolve(), self._context["mqtt_url"],
+                             self.clock, self.policy, revision=revision)
+
+    async def _start(self, definition: AppDefinition) -> None:
+        problem = await self._environment(definition)
+        supervisor = self._build(definition, self._revisions.get(definition.name, 0))
         supervisor.on_change = self._changed
         self.supervisors[definition.name] = supervisor
         if problem:
@@ -155,6 +182,97 @@ class NodeApps:
                 supervisor.fail("; ".join(f"the hub refused collection {name!r}: "
                                           f"{refused[name]}" for name in hit))
 
+    # Deployed apps ----------------------------------------------------------------------
+
+    def deployed(self) -> dict[str, int]:
+        """Each app the hub deployed here (through `activate`) -> its revision serving."""
+        return dict(self._revisions)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def activate(self, directory: Path, revision: int,
+                       timeout_s: float = 30.0) -> AppStatus:
+        """Run the app in `directory` as deployment `revision`: start it beside the
+        version serving, switch to it once every worker is ready, then drain and stop
+        the old one. ActivationFailed (nothing changed but the collections and stream
+        policies it declares) if it is invalid, is a local app, or does not start
+        within `timeout_s`. Activating the revision already serving returns its status.
+        """
+        try:
+            definition, defs, streams = read_definition(directory)
+        except ConfigError as exc:
+            raise ActivationFailed(f"revision {revision}: {exc}") from exc
+        name = definition.name
+        if name in self._local:
+            raise ActivationFailed(f"app {name!r} was given to this node locally (--app); "
+                                   "a deployment cannot replace it")
+        if self._collections is None:
+            raise ActivationFailed(f"app {name!r} revision {revision}: the node's apps "
+                                   "have not started yet")
+        async with self._lock(name):
+            old = self.supervisors.get(name)
+            if old is not None and old.revision == revision and old.state != "failed" \
+                    and old.definition.directory == definition.directory:
+                return old.status()
+            new = await self._candidate(definition, defs, streams, revision, timeout_s)
+            # The switch: the front looks the app up per request, so the next request
+            # goes to the new version and none is refused in between.
+            self.supervisors[name] = new
+            self._revisions[name] = revision
+            self.loaded = [entry for entry in self.loaded if entry[0].name != name]
+            self.loaded.append((definition, defs, streams))
+            new.on_change = self._changed
+            self._changed(new)
+            log.info("app %s: revision %d (version %s) serving%s", name, revision,
+                     definition.version, f", replacing revision {old.revision}" if old else "")
+            if old is not None:
+                old.on_change = None  # its stopping is no news: it no longer serves
+                await old.drain(DRAIN_TIMEOUT_S)
+                await old.stop()
+            return new.status()
+
+    async def _candidate(self, definition: AppDefinition, defs: list[CollectionDef],
+                         streams: dict[str, StreamPolicy], revision: int,
+                         timeout_s: float) -> AppSupervisor:
+        """A started supervisor for the revision, every worker ready; ActivationFailed
+        (it stopped again) if not."""
+        label = f"app {definition.name!r} revision {revision}"
+        try:
+            await self._prepare(defs, streams)
+        except ConfigError as exc:
+            raise ActivationFailed(f"{label}: {exc}") from exc
+        problem = await self._environment(definition)
+        if problem:
+            raise ActivationFailed(f"{label}: {problem}")
+        candidate = self._build(definition, revision)
+        candidate.start()
+        started = False
+        try:
+            await candidate.wait_started(timeout_s)
+            started = True
+        except AppUnavailable as exc:
+            raise ActivationFailed(_failure(label, str(exc), candidate)) from exc
+        finally:
+            if not started:  # failed, or the caller gave up: it must not outlive this
+                await candidate.stop()
+        return candidate
+
+    async def remove(self, name: str) -> None:
+        """Stop and forget a deployed app (its calls in flight finish first). A local
+        app is not the hub's to remove (ConfigError); an unknown name is a no-op."""
+        if name in self._local:
+            raise ConfigError(f"app {name!r} was given to this node locally (--app); "
+                              "the hub cannot remove it")
+        async with self._lock(name):
+            supervisor = self.supervisors.pop(name, None)
+            self._revisions.pop(name, None)
+            self.loaded = [entry for entry in self.loaded if entry[0].name != name]
+            if supervisor is not None:
+                log.info("app %s: revision %d removed", name, supervisor.revision)
+                await supervisor.drain(DRAIN_TIMEOUT_S)
+                await supervisor.stop()  # its on_change tells the heartbeat
+
     def statuses(self) -> tuple[AppStatus, ...]:
         return tuple(s.status() for s in self.supervisors.values())
 
@@ -163,6 +281,18 @@ class NodeApps:
 
     async def stop(self) -> None:
         await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
+
+
+def _failure(label: str, reason: str, supervisor: AppSupervisor) -> str:
+    """Why a revision did not start: the reason, and the worker's last lines when the
+    reason does not already carry its error."""
+    message = f"{label} did not start: {reason}"
+    if not reason.startswith("failed to load") and supervisor.last_output:
+        lines = supervisor.last_output[-OUTPUT_LINES_REPORTED:]
+        message += "; last output: " + " | ".join(lines)
+    if len(message) > FAILURE_CHARS_MAX:
+        message = message[:FAILURE_CHARS_MAX - 1] + "…"
+    return message
 
 
 class AppsCollector(Collector):

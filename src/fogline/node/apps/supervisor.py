@@ -5,6 +5,10 @@ Every worker is watched three ways: its exit (crash → restart with backoff, se
 the loop is blocked, so the worker is replaced), and its RSS (above the app's limit:
 replaced). Each end has a reason, which the app's status carries to `/healthz`, the
 heartbeat and the hub. Requests in flight on a worker that ends get 503 with the reason.
+
+The status also carries the app's recent traffic (`core.window`): every HTTP call's
+latency and outcome, measured in `http()`, and the workers' other counters as they
+report them; rollout gates judge a new revision by these.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import psutil
 
 from fogline.clock import Clock
 from fogline.core.supervision import CrashHistory, RestartPolicy, replace_reason
+from fogline.core.window import RollingWindow
 from fogline.node.apps.host import AppServices, error_fields
 from fogline.node.apps.wire import (
     EXIT_LOAD_FAILED,
@@ -49,6 +54,10 @@ from fogline.protocol import AppStatus
 log = logging.getLogger("fogline.node.apps")
 
 START_TIMEOUT_S = 30.0
+WINDOW_S = 10.0
+# Worker counters folded into the window's metrics (requests and errors are measured
+# by `http()` itself).
+WINDOW_COUNTERS = ("timeouts", "handler_errors", "malformed", "messages", "schedule_runs")
 WATCH_INTERVAL_S = 0.5
 STOP_GRACE_S = 3.0
 OUTPUT_LINES_KEPT = 20
@@ -135,8 +144,9 @@ class WorkerProcess:
 class AppSupervisor:
     def __init__(self, definition: AppDefinition, services: AppServices, node: dict[str, Any],
                  state_db: Path, mqtt_url: str | None, clock: Clock,
-                 policy: RestartPolicy | None = None) -> None:
+                 policy: RestartPolicy | None = None, *, revision: int = 0) -> None:
         self.definition = definition
+        self.revision = revision  # the deployment's; 0 for an app given locally
         self.services = services
         self.node = node
         self.state_db = state_db
@@ -149,6 +159,11 @@ class AppSupervisor:
         self.reason = ""
         self.since_s = clock.now()
         self.stats_total = Stats()  # counters of workers that ended
+        self.window = RollingWindow(WINDOW_S, counters=WINDOW_COUNTERS)
+        # The last worker that ended: why, and what it printed last.
+        self.exits = 0
+        self.last_exit = ""
+        self.last_output: list[str] = []
         self._call_ids = itertools.count(1)
         self._next = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -174,7 +189,8 @@ class AppSupervisor:
     def status(self) -> AppStatus:
         return AppStatus(name=self.name, version=self.definition.version, state=self.state,
                          restarts=sum(h.restarts for h in self.history), reason=self.reason,
-                         since_s=self.since_s)
+                         since_s=self.since_s, revision=self.revision,
+                         window=self.window.snapshot(self.clock.monotonic()))
 
     def stats(self) -> Stats:
         """Counters over every worker this supervisor ran."""
@@ -198,8 +214,16 @@ class AppSupervisor:
 
     async def http(self, method: str, path: str, query: str,
                    headers: list[tuple[str, str]], body: bytes) -> HttpReply:
-        """The worker's reply; AppUnavailable (503) or TimeoutError (504)."""
-        worker = self._pick()
+        """The worker's reply; AppUnavailable (503) or TimeoutError (504). The window
+        counts the call, as an error if its status is 5xx or it raised (a call cancelled
+        by its caller is not counted)."""
+        monotonic = self.clock.monotonic
+        started_s = monotonic()
+        try:
+            worker = self._pick()
+        except AppUnavailable:
+            self.window.observe(started_s, 0.0, True)
+            raise
         call_id = next(self._call_ids)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[HttpReply] = loop.create_future()
@@ -209,11 +233,33 @@ class AppSupervisor:
         # loop is blocked (the watcher then replaces it). A bare timer, not wait_for:
         # it is on every request's path.
         timer = loop.call_later(self.definition.limits.timeout_s + 1.0, _expire, future)
+        error: bool | None = None  # None: cancelled, not counted
         try:
-            return await future
+            reply = await future
+            error = reply.status >= 500
+            return reply
+        except (AppUnavailable, TimeoutError):
+            error = True
+            raise
         finally:
             timer.cancel()
             worker.calls.pop(call_id, None)
+            if error is not None:
+                ended_s = monotonic()
+                self.window.observe(ended_s, (ended_s - started_s) * 1000.0, error)
+
+    def in_flight(self) -> int:
+        """HTTP calls sent to a worker and not yet answered."""
+        return sum(len(w.calls) for w in self.workers if w is not None)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Until no HTTP call is in flight on any worker, or `timeout_s` passed: a
+        version being replaced finishes what it took before it stops. (Polls: it runs
+        once per replacement, and the request path stays free of bookkeeping.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     # Frames from a worker --------------------------------------------------------------
 
@@ -228,9 +274,18 @@ class AppSupervisor:
             worker.last_pong_s = self.clock.monotonic()
             worker.stuck_s = frame.stuck_s
         elif isinstance(frame, Stats):
+            self._fold(worker.stats, frame)
             worker.stats = frame
         elif isinstance(frame, Hello) and not worker.hello.done():
             worker.hello.set_result(frame)
+
+    def _fold(self, before: Stats, after: Stats) -> None:
+        """Count what a worker's cumulative counters grew by into the window."""
+        now_s = self.clock.monotonic()
+        for name in WINDOW_COUNTERS:
+            grown = getattr(after, name) - getattr(before, name)
+            if grown > 0:
+                self.window.count(now_s, name, grown)
 
     async def _rpc(self, worker: WorkerProcess, frame: Rpc) -> None:
         try:
@@ -373,6 +428,8 @@ class AppSupervisor:
                     await asyncio.wait_for(pump, 1.0)
                 pump.cancel()
             reason = self._exit_reason(worker, code)
+            self.exits += 1
+            self.last_exit, self.last_output = reason, list(worker.output)
             worker.fail_calls(f"app worker exited while handling the request ({reason})")
             worker.channel.close()
             self._add_stats(worker)
@@ -457,6 +514,21 @@ class AppSupervisor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._set_state("stopped")
+
+    async def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until every worker of a new supervisor is ready; AppUnavailable with the
+        reason as soon as one exits instead (a new version gets no second try), or if
+        they are not all ready within `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        exits = self.exits
+        while not all(w is not None and w.ready for w in self.workers):
+            if self.exits > exits or self.state in ("failed", "stopped"):
+                raise AppUnavailable(self.last_exit or self.reason or self.state)
+            if loop.time() > deadline:
+                raise AppUnavailable(f"not ready within {timeout_s:g}s ({self.state}"
+                                     f"{': ' + self.reason if self.reason else ''})")
+            await asyncio.sleep(0.02)
 
     async def wait_running(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until every worker is ready (tests, `fogline dev`)."""
