@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, Field, field_validator
 
 from fogline import __version__
+from fogline.bundle import BundleRejected
 from fogline.core.crdt import CollectionState
 from fogline.core.sync import CollectionDef, check_definition
 from fogline.core.tokens import TokenRecord, new_token
@@ -140,6 +141,9 @@ _STATUS_FOR: list[tuple[type[FoglineError], int]] = [
 
 
 def _error_response(exc: FoglineError) -> JSONResponse:
+    if isinstance(exc, BundleRejected):
+        return JSONResponse({"detail": f"bundle refused ({exc.reason}): {exc}",
+                             "code": exc.reason}, status_code=422)
     for kind, status in _STATUS_FOR:
         if isinstance(exc, kind):
             return JSONResponse({"detail": str(exc)}, status_code=status)

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from fogline.bundle import check_digest, verify
 from fogline.clock import Clock, SystemClock
 from fogline.core.health import HealthPolicy, revoke
-from fogline.core.sync import CollectionDef
+from fogline.core.sync import CollectionDef, check_declaration
 from fogline.errors import ConfigError
 from fogline.fsutil import write_private
 from fogline.hub.api import create_api
@@ -241,11 +241,25 @@ class Hub:
         version = str(manifest.get("metadata", {}).get("version", ""))
         verify(self.deployments.store.trusted_keys(), key_id, signature, name, version,
                digest)
+        # The app's collections exist at the hub before any node runs it; one that
+        # conflicts with an existing collection refuses the whole apply.
+        declared = [CollectionDef(c["name"], c["type"], c["scope"])
+                    for c in manifest.get("spec", {}).get("collections", [])
+                    if isinstance(c, dict) and {"name", "type", "scope"} <= set(c)]
+        create, _, errors = check_declaration(declared, self.collections.definitions())
+        if errors:
+            raise ConfigError(f"{name}: " + "; ".join(errors))
         assert self.publisher is not None
         asyncio.run_coroutine_threadsafe(self.publisher.store_bundle(digest, bundle),
                                          self._loop).result(timeout=60)
-        return self.deployments.apply(manifest, bundle, digest, key_id, signature, actor,
-                                      reason)
+        result = self.deployments.apply(manifest, bundle, digest, key_id, signature, actor,
+                                        reason)
+        for definition in create:
+            if self.define_collection(definition) == "created":
+                self.deployments.record_event(actor, "collection.created", definition.name,
+                                              "", type=definition.type,
+                                              scope=definition.scope, app=name)
+        return result
 
     def define_collection(self, definition: CollectionDef) -> str:
         future = asyncio.run_coroutine_threadsafe(self.sync.define(definition), self._loop)

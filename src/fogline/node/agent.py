@@ -4,6 +4,10 @@ Local first: `/healthz` and `/metrics` are served whether or not the hub is reac
 The hub link connects to NATS with the node's own credentials, heartbeats, listens for
 commands and renews its certificate and JWT well before they expire, swapping to a new
 connection without a gap. A revoked node stops talking to the hub and says so locally.
+
+Apps come from `--app` directories and from the hub's deployments: the node's desired
+state arrives on `fl.cmd.<id>.desired` and is asked for on every (re)connect, and
+`NodeDeployments` applies it, from the bundles on disk when the hub is away.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ from fogline import __version__
 from fogline.clock import Clock, SystemClock
 from fogline.core.outbox import StreamPolicy
 from fogline.core.sync import refused_collections
-from fogline.errors import AuthError, FoglineError, ProtocolError
+from fogline.errors import AuthError, FoglineError, ProtocolError, RetryableError
 from fogline.node import identity as ident
 from fogline.node.apps.front import AppFront
 from fogline.node.apps.manager import AppsCollector, NodeApps
+from fogline.node.artifacts import fetch_bundle, get_desired
 from fogline.node.capabilities import current_load
 from fogline.node.collections import NodeCollections
 from fogline.node.declare import declare_collections
+from fogline.node.deployments import NodeDeployments
 from fogline.node.enroll_once import enroll_if_needed
 from fogline.node.http import NodeState, create_node_app, load_local_token
 from fogline.node.outbox import Outbox
@@ -44,9 +50,12 @@ from fogline.node.sqlite_writer import FsyncPolicy
 from fogline.node.sync import NodeSync
 from fogline.protocol import (
     Command,
+    DesiredApp,
+    DesiredState,
     Heartbeat,
     command_subject,
     decode,
+    desired_notify_subject,
     encode,
     heartbeat_subject,
     inbox_prefix,
@@ -58,6 +67,7 @@ log = logging.getLogger("fogline.node")
 # Renew once two thirds of a credential's lifetime have passed.
 RENEW_AT_FRACTION = 2 / 3
 RECONNECT_BACKOFF_MAX_S = 5.0
+DESIRED_BACKOFF_MAX_S = 30.0
 DISK_FREE_MIN_BYTES = 64 * 1024 * 1024
 
 
@@ -85,6 +95,11 @@ class NodeConfig:
     mqtt_listen: str = "127.0.0.1:0"
 
 
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("deployments stopped: %r", task.exception(), exc_info=task.exception())
+
+
 class NodeAgent:
     def __init__(self, config: NodeConfig, clock: Clock | None = None) -> None:
         self.config = config
@@ -99,8 +114,15 @@ class NodeAgent:
         self._wake_heartbeat = asyncio.Event()
         self._clean_mark_ms = 0
         self._sender: OutboxSender | None = None
+        # Set to ask the hub for the desired state again (a push may have been missed
+        # while the link was down).
+        self._refresh_desired = asyncio.Event()
         # Read manifests now: a bad app stops the node before it enrolls or listens.
-        self.apps = NodeApps(config.apps, self.clock) if config.apps else None
+        # Always there, with no local app too: deployed apps may arrive at any time.
+        self.apps = NodeApps(config.apps, self.clock)
+        self.deployments: NodeDeployments | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._mqtt_lock = asyncio.Lock()
 
     # Identity -----------------------------------------------------------------------
 
@@ -136,6 +158,7 @@ class NodeAgent:
         async def on_reconnect() -> None:
             self.state.hub_connected = True
             self._wake_heartbeat.set()
+            self._refresh_desired.set()
 
         return await nats.connect(
             servers=urls, name=f"fogline-node-{identity.node_id}",
@@ -183,13 +206,16 @@ class NodeAgent:
 
     def heartbeat(self, identity: ident.Identity) -> Heartbeat:
         self._seq += 1
+        deployments = self.deployments
         return Heartbeat(
             node_id=identity.node_id, seq=self._seq, sent_at_s=self.clock.now(),
             interval_s=self._interval_s(identity), version=__version__,
             load=current_load(self._process), failing_checks=self.failing_checks(),
             uptime_s=self.clock.now() - self.state.started_at_s, endpoint=self.state.endpoint,
             hub_rtt_ms=self.state.hub_rtt_ms, sync_clean_hlc_ms=self._clean_mark_ms,
-            apps=self.apps.statuses() if self.apps is not None else ())
+            apps=tuple(status.clipped() for status in self.apps.statuses()),
+            desired_generation=deployments.generation if deployments is not None else 0,
+            refusals=deployments.refusals() if deployments is not None else ())
 
     async def _link_session(self, identity: ident.Identity) -> ident.Identity:
         """One NATS connection: heartbeat until it closes or credentials were renewed.
@@ -207,6 +233,7 @@ class NodeAgent:
                                         registry=self.state.registry)
         self._sender.js = nc.jetstream(timeout=5)
         sender = asyncio.create_task(self._sender.run())
+        desired = asyncio.create_task(self._desired_sync(nc, identity))
         try:
             await nc.subscribe(command_subject(identity.node_id), cb=self._on_command)
             interval_s = self._interval_s(identity)
@@ -226,7 +253,7 @@ class NodeAgent:
             return identity
         finally:
             self.state.hub_connected = False
-            for task in (sync, sender):
+            for task in (sync, sender, desired):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -236,7 +263,7 @@ class NodeAgent:
     async def _sync(self, nc: NatsClient, identity: ident.Identity) -> None:
         """Collection sync; first the hub learns the collections this node's apps declare
         (it drops ops for collections it does not know)."""
-        declared = self.apps.declared_collections() if self.apps is not None else []
+        declared = self.apps.declared_collections()
         delay_s = 0.5
         while declared:
             try:
@@ -248,11 +275,60 @@ class NodeAgent:
                 continue
             refused = refused_collections(declared, result)
             if refused:
-                assert self.apps is not None  # only apps declare collections
                 log.error("the hub refused app collections: %s", refused)
                 await self.apps.refuse(refused)
             break
         await NodeSync(self.collections, nc, identity.node_id, self.clock).run()
+
+    # Deployments --------------------------------------------------------------------
+
+    async def _desired_sync(self, nc: NatsClient, identity: ident.Identity) -> None:
+        """Take the hub's pushes of this node's desired state, and ask for it now and
+        after every reconnect: a push is sent once, when the state changes."""
+        await nc.subscribe(desired_notify_subject(identity.node_id), cb=self._on_desired)
+        while True:
+            self._refresh_desired.clear()
+            delay_s = 0.5
+            while True:
+                try:
+                    state = await get_desired(nc, identity.node_id)
+                    break
+                except (RetryableError, ProtocolError) as exc:
+                    log.info("asking the hub for the desired state: %s; retrying in %.1fs",
+                             exc, delay_s)
+                    await self.clock.sleep(delay_s)
+                    delay_s = min(delay_s * 2, DESIRED_BACKOFF_MAX_S)
+            await self._offer(state)
+            await self._refresh_desired.wait()
+
+    async def _on_desired(self, msg: Msg) -> None:
+        try:
+            state = decode(msg.data)
+        except ProtocolError as exc:
+            log.warning("desired state refused: %s", exc)
+            return
+        if not isinstance(state, DesiredState):
+            log.warning("desired state refused: got %s", type(state).__name__)
+            return
+        await self._offer(state)
+
+    async def _offer(self, state: DesiredState) -> None:
+        assert self.deployments is not None  # the link starts after the deployments
+        if state.apps:
+            try:
+                await self._ensure_mqtt()
+            except (FoglineError, OSError) as exc:  # the apps still serve HTTP without it
+                log.error("cannot start the embedded MQTT broker: %s", exc)
+        try:
+            self.deployments.offer(state)
+        except OSError as exc:  # not written, so not acted on; the next push retries
+            log.error("cannot store desired state generation %d: %s", state.generation, exc)
+
+    async def _fetch_bundle(self, app: DesiredApp) -> bytes:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise RetryableError("the hub is not connected")
+        return await fetch_bundle(nc, self.state.node_id, app)
 
     async def _send_heartbeat(self, nc: NatsClient, identity: ident.Identity) -> None:
         started_s = self.clock.monotonic()
@@ -314,14 +390,13 @@ class NodeAgent:
         outboxes: list[Outbox] = []
         node_app = create_node_app(self.state, lambda: collections[0] if collections else None,
                                    local_token, lambda: outboxes[0] if outboxes else None,
-                                   lambda: self.apps)
-        app: Any = node_app
-        if self.apps is not None:
-            apps = self.apps
-            self.state.registry.register(AppsCollector(lambda: apps))
-            app = AppFront(node_app, lambda: apps.supervisors)
-            apps.on_change = lambda _: self._wake_heartbeat.set()
+                                   lambda: self.apps, lambda: self.deployments)
+        apps = self.apps
+        self.state.registry.register(AppsCollector(lambda: apps))
+        app: Any = AppFront(node_app, lambda: apps.supervisors)
+        apps.on_change = lambda _: self._wake_heartbeat.set()
         async with contextlib.AsyncExitStack() as stack:
+            self._stack = stack
             bound = await stack.enter_async_context(serve_http(app, host, int(port)))
             self.state.endpoint = f"http://{host}:{bound}"
             identity = await self._identity()
@@ -340,8 +415,20 @@ class NodeAgent:
             self.state.node_id = identity.node_id
             self.state.name = identity.name
             self.state.region = identity.region
-            if self.apps is not None:
-                await self._start_apps(stack, identity)
+            # It reads the desired state stored before a restart: local first.
+            self.deployments = NodeDeployments(
+                self.config.data_dir, identity.node_id, self.apps, self.clock,
+                self._fetch_bundle, on_change=self._wake_heartbeat.set)
+            await self._start_apps(stack, identity)
+            deploying = asyncio.create_task(self.deployments.run())
+            deploying.add_done_callback(_log_crash)
+
+            async def stop_deploying() -> None:
+                deploying.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await deploying
+
+            stack.push_async_callback(stop_deploying)  # before the apps stop
             write_endpoint = self.config.data_dir / "endpoint"
             write_endpoint.write_text(self.state.endpoint + "\n")
             self.ready.set()
@@ -354,18 +441,31 @@ class NodeAgent:
 
     async def _start_apps(self, stack: contextlib.AsyncExitStack,
                           identity: ident.Identity) -> None:
-        assert self.apps is not None
-        mqtt_url = self.config.mqtt_url
-        if mqtt_url is None:
-            from fogline.transport.mqtt_broker import open_mqtt_broker
-
-            broker = await stack.enter_async_context(open_mqtt_broker(
-                self.config.data_dir / "mqtt", self.config.mqtt_listen))
-            mqtt_url = broker.url
-        self.state.mqtt_url = mqtt_url
-        (self.config.data_dir / "mqtt.url").write_text(mqtt_url + "\n")
+        assert self.deployments is not None
+        if self.config.apps or self.deployments.desired.apps or self.config.mqtt_url:
+            await self._ensure_mqtt()
         node = {"id": identity.node_id, "region": identity.region, "tier": identity.tier,
                 "labels": dict(identity.labels)}
-        await self.apps.start(self.collections, self.outbox, node, mqtt_url,
+        await self.apps.start(self.collections, self.outbox, node, self.state.mqtt_url or None,
                               self.config.data_dir / "apps" / "envs")
         stack.push_async_callback(self.apps.stop)
+
+    async def _ensure_mqtt(self) -> None:
+        """The devices' broker: the configured one, else the embedded one, started the
+        first time the node has an app (a node without apps does not pay for it)."""
+        async with self._mqtt_lock:
+            if self.state.mqtt_url:
+                return
+            mqtt_url = self.config.mqtt_url
+            if mqtt_url is None:
+                from fogline.transport.mqtt_broker import open_mqtt_broker
+
+                assert self._stack is not None
+                broker = await self._stack.enter_async_context(open_mqtt_broker(
+                    self.config.data_dir / "mqtt", self.config.mqtt_listen))
+                mqtt_url = broker.url
+            self.state.mqtt_url = mqtt_url
+            (self.config.data_dir / "mqtt.url").write_text(mqtt_url + "\n")
+            # Apps built from now on connect to it (the broker may start after the apps
+            # did: the first deployment of a node that had none).
+            self.apps.set_mqtt_url(mqtt_url)

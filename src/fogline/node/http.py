@@ -29,6 +29,7 @@ from fogline.node.outbox import Outbox
 
 if TYPE_CHECKING:
     from fogline.node.apps.manager import NodeApps
+    from fogline.node.deployments import NodeDeployments
 
 
 def load_local_token(data_dir: Path) -> str:
@@ -192,11 +193,37 @@ def app_routes(get_apps: Callable[[], NodeApps | None], local_token: str) -> lis
             Route("/local/apps/{name}/reload", apps_endpoint, methods=["POST"])]
 
 
+def deployment_routes(get_deployments: Callable[[], NodeDeployments | None],
+                      local_token: str) -> list[Route]:
+    """`GET /local/deployments`: the desired state's generation and apps, the revisions
+    running, and the revisions refused (with why)."""
+
+    async def deployments_endpoint(request: Request) -> JSONResponse:
+        header = request.headers.get("authorization", "")
+        if not hmac.compare_digest(header, f"Bearer {local_token}"):
+            return _error(401, "local token required")
+        deployments = get_deployments()
+        if deployments is None:
+            return _error(503, "node is still starting")
+        desired = deployments.desired
+        return JSONResponse({
+            "generation": desired.generation,
+            "applied_generation": deployments.applied_generation,
+            "desired": msgspec.to_builtins(desired.apps),
+            "running": deployments.running(),
+            "refusals": msgspec.to_builtins(deployments.refusals()),
+        })
+
+    return [Route("/local/deployments", deployments_endpoint)]
+
+
 def create_node_app(state: NodeState,
                     get_collections: Callable[[], NodeCollections | None] = lambda: None,
                     local_token: str = "",
                     get_outbox: Callable[[], Outbox | None] = lambda: None,
-                    get_apps: Callable[[], NodeApps | None] = lambda: None) -> Starlette:
+                    get_apps: Callable[[], NodeApps | None] = lambda: None,
+                    get_deployments: Callable[[], NodeDeployments | None] = lambda: None,
+                    ) -> Starlette:
     registry = state.registry
     Gauge("fogline_node_hub_connected", "1 while the NATS link to the hub is up",
           registry=registry).set_function(lambda: float(state.hub_connected))
@@ -228,4 +255,5 @@ def create_node_app(state: NodeState,
         routes += local_routes(get_collections, local_token)
         routes += stream_routes(get_outbox, local_token)
         routes += app_routes(get_apps, local_token)
+        routes += deployment_routes(get_deployments, local_token)
     return Starlette(routes=routes)

@@ -101,6 +101,11 @@ class NodeApps:
     def declared_collections(self) -> list[CollectionDef]:
         return [d for _, defs, _ in self.loaded for d in defs]
 
+    def set_mqtt_url(self, mqtt_url: str) -> None:
+        """The device broker for apps started from now on."""
+        if self._context:
+            self._context["mqtt_url"] = mqtt_url
+
     async def start(self, collections: NodeCollections, outbox: Outbox, node: dict[str, Any],
                     mqtt_url: str | None, envs_dir: Path) -> None:
         self._collections, self._outbox = collections, outbox

@@ -410,8 +410,14 @@ class AppSupervisor:
                     watch = asyncio.create_task(self._watch(worker))
                     restart = asyncio.create_task(self._restart.wait())
                     waiter = asyncio.create_task(worker.process.wait())
-                    await asyncio.wait({waiter, restart}, return_when=asyncio.FIRST_COMPLETED)
-                    restart.cancel()
+                    try:
+                        await asyncio.wait({waiter, restart},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    except asyncio.CancelledError:  # leave no waiter behind
+                        waiter.cancel()
+                        raise
+                    finally:
+                        restart.cancel()
                     if not waiter.done():  # reload asked for: stop this one, start anew
                         waiter.cancel()
                         await self._stop_worker(worker, "reloading")
