@@ -66,7 +66,7 @@ def _call(client: HubClient, method: str, path: str, body: dict[str, Any] | None
 
 def apply(file: FileOpt, hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
           key: KeyOpt = None, reason: ReasonOpt = "") -> None:
-    """Make the fleet match manifests (idempotent): App and Collection kinds."""
+    """Make the fleet match manifests (idempotent): App, Collection and Stream kinds."""
     from fogline.deploy_client import apply_request, read_documents
 
     try:
@@ -82,6 +82,11 @@ def apply(file: FileOpt, hub: HubOpt = None, token: TokenOpt = None, data: DataO
                 raise _fail(exc) from exc
             result = _call(client, "POST", "/v1/apply", body)
             typer.echo(f"app/{doc.name} {result['result']} (revision {result['revision']})")
+        elif doc.kind == "Stream":
+            result = _call(client, "POST", "/v1/stream-policies",
+                           {"name": doc.name, "policy": doc.body.get("spec", {}),
+                            "reason": reason})
+            typer.echo(f"stream/{doc.name} {result['result']}")
         else:
             spec = doc.body["spec"]
             result = _call(client, "POST", "/v1/collections",
@@ -103,12 +108,15 @@ def delete(file: FileOpt, hub: HubOpt = None, token: TokenOpt = None, data: Data
         raise _fail(exc) from exc
     client = _client(hub, token, data)
     for doc in documents:
-        if doc.kind != "App":
+        if doc.kind == "Collection":
             typer.echo(f"collection/{doc.name} kept (collections are not deleted: their "
                        "data lives on every replica)")
-            continue
-        _call(client, "DELETE", f"/v1/deployments/{doc.name}?reason={quote(reason)}")
-        typer.echo(f"app/{doc.name} deleted")
+        elif doc.kind == "Stream":
+            _call(client, "DELETE", f"/v1/stream-policies/{doc.name}?reason={quote(reason)}")
+            typer.echo(f"stream/{doc.name} deleted (nodes go back to their own policy)")
+        else:
+            _call(client, "DELETE", f"/v1/deployments/{doc.name}?reason={quote(reason)}")
+            typer.echo(f"app/{doc.name} deleted")
 
 
 # keys -------------------------------------------------------------------------------

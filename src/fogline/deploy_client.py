@@ -24,7 +24,8 @@ from fogline.bundle import Bundle, load_key, pack, sign
 from fogline.deploy_spec import DEPLOY_FIELDS, deploy_spec
 from fogline.errors import ConfigError
 
-KINDS = ("App", "Collection")
+KINDS = ("App", "Collection", "Stream")
+STREAM_FIELDS = ("priority", "bandwidth_bps", "quota_bytes", "overflow")
 _SKIPPED_DIRS = {".git", ".venv", "venv", "__pycache__", "node_modules"}
 
 
@@ -77,8 +78,10 @@ def read_documents(path: Path) -> list[Document]:
                                       f"{MANIFEST_FILE}")
                 parse_manifest(body, str(file))
                 deploy_spec(body.get("spec", {}), str(file))
-            else:
+            elif kind == "Collection":
                 _check_collection(body, file)
+            else:
+                _check_stream(body, file)
             documents.append(Document(file, kind, body["metadata"]["name"], body))
     if not documents:
         raise ConfigError(f"{path}: no fogline manifests found")
@@ -103,6 +106,24 @@ def _check_collection(body: dict[str, Any], file: Path) -> None:
     try:
         check_definition(metadata["name"], str(spec.get("type")), str(spec.get("scope")))
     except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from exc
+
+
+def _check_stream(body: dict[str, Any], file: Path) -> None:
+    from fogline.core.outbox import StreamPolicy, check_stream_name
+
+    metadata, spec = body.get("metadata"), body.get("spec", {})
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str) \
+            or not isinstance(spec, dict):
+        raise ConfigError(f"{file}: a Stream has metadata.name and a spec mapping")
+    unknown = set(spec) - set(STREAM_FIELDS)
+    if unknown:
+        raise ConfigError(f"{file}: spec: unknown fields {', '.join(sorted(unknown))} "
+                          f"(a Stream has {', '.join(STREAM_FIELDS)})")
+    try:
+        check_stream_name(metadata["name"])
+        StreamPolicy(**spec)
+    except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{file}: {exc}") from exc
 
 

@@ -199,6 +199,17 @@ class PublisherKey(msgspec.Struct, frozen=True):
     public_key: str  # base64 of the raw 32-byte ed25519 key
 
 
+class StreamSetting(msgspec.Struct, frozen=True):
+    """A fleet-wide upstream stream policy (a `kind: Stream` manifest); fields as in
+    fogline.core.outbox.StreamPolicy."""
+
+    name: str
+    priority: int = 0
+    bandwidth_bps: float | None = None
+    quota_bytes: int = 0  # 0: the node's default
+    overflow: str = "block"
+
+
 class DesiredState(msgspec.Struct, frozen=True, tag="desired"):
     """Everything the hub wants one node to run. `generation` grows with every change
     for the node, so a node never acts on an older state after a newer one."""
@@ -207,6 +218,7 @@ class DesiredState(msgspec.Struct, frozen=True, tag="desired"):
     generation: int
     apps: tuple[DesiredApp, ...] = ()
     keys: tuple[PublisherKey, ...] = ()
+    streams: tuple[StreamSetting, ...] = ()
     v: int = PROTOCOL_VERSION
 
 

@@ -8,6 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
+import yaml
+
 from tests.fleet import FOGLINE, run_hub, wait_for
 from tests.integration.test_deployments import deployment, running, start_nodes, write_app
 
@@ -74,6 +77,31 @@ def test_cli_applies_steers_and_deletes(tmp_path: Path) -> None:
         assert applied[0]["actor"].startswith("admin (")
         assert {"rollout.pause", "rollout.resume", "rollout.promote"} <= {
             e["kind"] for e in events}
+
+        # A Stream manifest sets the stream's policy on every node.
+        stream = tmp_path / "streams" / "telemetry.yaml"
+        stream.parent.mkdir()
+        stream.write_text(yaml.safe_dump({
+            "apiVersion": "fogline/v1", "kind": "Stream", "metadata": {"name": "telemetry"},
+            "spec": {"priority": 7, "bandwidth_bps": 2000, "overflow": "drop-oldest"}}))
+        assert "stream/telemetry created" in fogline(data, home, "apply", "-f", str(stream))
+        assert "stream/telemetry unchanged" in fogline(data, home, "apply", "-f", str(stream))
+        c1 = hub.nodes_by_name()["c1"]["endpoint"]
+        local = {"Authorization": "Bearer "
+                 + (tmp_path / "c1" / "local.token").read_text().strip()}
+
+        def telemetry() -> dict[str, Any]:
+            policies = httpx.get(f"{c1}/local/stream-policies", headers=local).json()
+            return policies.get("telemetry", {})  # type: ignore[no-any-return]
+
+        wait_for(lambda: telemetry().get("source") == "fleet", 20, "policy at the node")
+        assert telemetry()["bandwidth_bps"] == 2000 and telemetry()["priority"] == 7
+        bad = stream.with_name("bad.yaml")
+        bad.write_text(stream.read_text().replace("drop-oldest", "explode"))
+        assert "overflow" in fogline(data, home, "apply", "-f", str(bad), ok=False)
+        bad.unlink()
+        assert "stream/telemetry deleted" in fogline(data, home, "delete", "-f", str(stream))
+        wait_for(lambda: telemetry().get("source") != "fleet", 20, "policy withdrawn")
 
         assert "app/shop deleted" in fogline(data, home, "delete", "-f", str(v2))
         wait_for(lambda: hub.api("GET", "/v1/deployments") == [], 10, "deleted")

@@ -54,6 +54,12 @@ def test_a_repository_of_manifests(tmp_path: Path) -> None:
     ([{"apiVersion": "fogline/v1", "kind": "Collection", "metadata": {"name": "c"},
        "spec": {"type": "map", "scope": "global"}}] * 2, "c.yaml", "defined twice"),
     ([{"hello": "world"}], "x.yaml", "not a fogline manifest"),
+    ([{"apiVersion": "fogline/v1", "kind": "Stream", "metadata": {"name": "t"},
+       "spec": {"speed": 1}}], "s.yaml", "unknown fields speed"),
+    ([{"apiVersion": "fogline/v1", "kind": "Stream", "metadata": {"name": "t"},
+       "spec": {"bandwidth_bps": -1}}], "s.yaml", "bandwidth_bps"),
+    ([{"apiVersion": "fogline/v1", "kind": "Stream", "metadata": {"name": "T.x"},
+       "spec": {}}], "s.yaml", "invalid stream name"),
 ])
 def test_rejections_name_the_file(tmp_path: Path, docs: list[Any], name: str,
                                   message: str) -> None:

@@ -37,6 +37,12 @@ class Reason(BaseModel):
     reason: str = Field("", max_length=500)
 
 
+class StreamSet(BaseModel):
+    name: str = Field(max_length=64)
+    policy: dict[str, Any] = {}
+    reason: str = Field("", max_length=500)
+
+
 class ApplyRequest(BaseModel):
     manifest: dict[str, Any]
     bundle: str = Field(max_length=(BUNDLE_BYTES_MAX * 4) // 3 + 8)  # base64
@@ -81,6 +87,20 @@ def add_deploy_routes(app: FastAPI, hub: DeployOperations, admin: Any) -> None:
             raise ConfigError(f"bundle: not base64: {exc}") from exc
         return hub.apply_bundle(body.manifest, bundle, body.digest, body.key_id,
                                 body.signature, actor, body.reason)
+
+    @app.post("/v1/stream-policies")
+    def set_stream(body: StreamSet, actor: admin) -> dict[str, Any]:
+        result = hub.deployments.set_stream(body.name, body.policy, actor, body.reason)
+        return {"name": body.name, "result": result}
+
+    @app.get("/v1/stream-policies")
+    def list_stream_policies(_: admin) -> dict[str, Any]:
+        return hub.deployments.store.streams()
+
+    @app.delete("/v1/stream-policies/{name}")
+    def delete_stream(name: str, actor: admin, reason: str = "") -> dict[str, Any]:
+        hub.deployments.delete_stream(name, actor, reason)
+        return {"name": name, "result": "deleted"}
 
     @app.get("/v1/deployments")
     def list_deployments(_: admin) -> list[dict[str, Any]]:

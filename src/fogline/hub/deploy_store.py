@@ -18,7 +18,14 @@ from sqlalchemy.engine import Connection, Engine
 from fogline.core.placement import NodeFacts
 from fogline.core.rollout import Rollout
 from fogline.errors import ConfigError, NotFoundError
-from fogline.hub.store import apps_of, deployments, nodes, publisher_keys, revisions
+from fogline.hub.store import (
+    apps_of,
+    deployments,
+    nodes,
+    publisher_keys,
+    revisions,
+    stream_policies,
+)
 from fogline.protocol import AppStatus, BundleRefusal
 
 
@@ -145,6 +152,35 @@ class DeployStore:
             done = conn.execute(deployments.delete().where(deployments.c.app == app))
             if done.rowcount != 1:
                 raise NotFoundError(f"no deployment {app!r}")
+
+    # Fleet-wide stream policies --------------------------------------------------------
+
+    def set_stream(self, name: str, policy: dict[str, Any], now_s: float) -> str:
+        """created, configured or unchanged."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(stream_policies.c.policy).where(
+                stream_policies.c.name == name)).first()
+            if row is not None and row.policy == policy:
+                return "unchanged"
+            if row is None:
+                conn.execute(stream_policies.insert().values(name=name, policy=policy,
+                                                              updated_at_s=now_s))
+                return "created"
+            conn.execute(stream_policies.update().where(stream_policies.c.name == name)
+                         .values(policy=policy, updated_at_s=now_s))
+            return "configured"
+
+    def delete_stream(self, name: str) -> None:
+        with self._tx() as conn:
+            done = conn.execute(stream_policies.delete().where(stream_policies.c.name == name))
+            if done.rowcount != 1:
+                raise NotFoundError(f"no stream policy {name!r}")
+
+    def streams(self) -> dict[str, dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(stream_policies.c.name, stream_policies.c.policy)
+                                .order_by(stream_policies.c.name))
+            return {row.name: dict(row.policy) for row in rows}
 
     # Nodes as rollouts see them -----------------------------------------------------
 

@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fogline.bundle import BundleRejected, check_digest, verify
+from fogline.bundle import check_digest, verify
 from fogline.clock import Clock
 from fogline.core import rollout as ro
+from fogline.core.outbox import StreamPolicy, check_stream_name
 from fogline.core.placement import NodeFacts, place
 from fogline.core.rollout import AppReport, NodeView, Rollout
 from fogline.deploy_spec import DeploySpec, deploy_spec, to_placement, to_strategy
@@ -28,11 +29,12 @@ from fogline.errors import ConfigError
 from fogline.hub.deploy_store import DeployStore, rollout_from_json
 from fogline.hub.desired import DesiredPublisher
 from fogline.hub.store import HubStore
-from fogline.protocol import AppStatus, BundleRefusal, DesiredApp, PublisherKey
+from fogline.protocol import AppStatus, BundleRefusal, DesiredApp, PublisherKey, StreamSetting
 
 log = logging.getLogger("fogline.hub.deployments")
 
 CONTROLLER = "rollout-controller"
+STREAM_FIELDS = {"priority", "bandwidth_bps", "quota_bytes", "overflow"}
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,25 @@ class HubDeployments:
         return {"app": name, "result": "created" if existing is None else "configured",
                 "revision": number}
 
+    def set_stream(self, name: str, fields: dict[str, Any], actor: str,
+                   reason: str = "") -> str:
+        """A fleet-wide stream policy (`kind: Stream`): created, configured, unchanged."""
+        check_stream_name(name)
+        unknown = set(fields) - STREAM_FIELDS
+        if unknown:
+            raise ConfigError(f"stream {name}: unknown fields {', '.join(sorted(unknown))}")
+        StreamPolicy(**fields)  # refuses bad values with a clear ConfigError
+        result = self.store.set_stream(name, fields, self.clock.now())
+        if result != "unchanged":
+            self.record_event(actor, f"stream.{result}", name, reason, **fields)
+            self.poke()
+        return result
+
+    def delete_stream(self, name: str, actor: str, reason: str = "") -> None:
+        self.store.delete_stream(name)
+        self.record_event(actor, "stream.deleted", name, reason)
+        self.poke()
+
     def delete(self, app: str, actor: str, reason: str = "") -> None:
         self.store.delete(app)
         self.record_event(actor, "deployment.deleted", app, reason)
@@ -239,11 +260,12 @@ class HubDeployments:
 
     async def tick(self) -> int:
         """One pass: advance every rollout, publish desired state; nodes written."""
-        desired, keys = await asyncio.to_thread(self.decide)
+        desired, keys, streams = await asyncio.to_thread(self.decide)
         assert self.publisher is not None
-        return await self.publisher.publish(desired, keys)
+        return await self.publisher.publish(desired, keys, streams)
 
-    def decide(self) -> tuple[dict[str, tuple[DesiredApp, ...]], tuple[PublisherKey, ...]]:
+    def decide(self) -> tuple[dict[str, tuple[DesiredApp, ...]], tuple[PublisherKey, ...],
+                              tuple[StreamSetting, ...]]:
         now_s = self.clock.now()
         fleet = self.store.fleet()
         revisions = self.store.all_revisions()
@@ -267,7 +289,9 @@ class HubDeployments:
                 if revision is not None and node in desired:
                     desired[node].append(desired_app(revision))
         keys = tuple(PublisherKey(k, v) for k, v in sorted(self.store.trusted_keys().items()))
-        return {node: tuple(apps) for node, apps in desired.items()}, keys
+        streams = tuple(StreamSetting(name=name, **fields)
+                        for name, fields in self.store.streams().items())
+        return {node: tuple(apps) for node, apps in desired.items()}, keys, streams
 
     def _record(self, before: Rollout, after: Rollout, placed: Placed,
                 unsatisfied_before: Mapping[str, str]) -> None:
@@ -315,5 +339,3 @@ def rollout_view(rollout: Rollout) -> dict[str, Any]:
     view["cohort"] = sorted(rollout.cohort)
     return view
 
-
-__all__ = ["BundleRejected", "HubDeployments", "lay_out", "report_of"]

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 import nats.js.errors
@@ -38,6 +39,7 @@ from fogline.protocol import (
     DesiredRequest,
     DesiredState,
     PublisherKey,
+    StreamSetting,
     decode,
     desired_notify_subject,
     encode,
@@ -61,9 +63,8 @@ class DesiredPublisher:
         self.js = js
         self.kv: KeyValue | None = None
         self.objects: ObjectStore | None = None
-        # What this hub last wrote per node: (apps, keys) -> generation.
-        self._written: dict[str, tuple[tuple[DesiredApp, ...], tuple[PublisherKey, ...], int]]
-        self._written = {}
+        # What this hub last wrote per node: (apps, keys, streams, generation).
+        self._written: dict[str, tuple[Any, ...]] = {}
         self._bundles: OrderedDict[str, bytes] = OrderedDict()
         self._bundle_bytes = 0
 
@@ -115,23 +116,31 @@ class DesiredPublisher:
         return msgspec.structs.replace(state, generation=entry.revision or 0)
 
     async def publish(self, desired: Mapping[str, tuple[DesiredApp, ...]],
-                      keys: tuple[PublisherKey, ...]) -> int:
-        """Write and announce the desired state of every node in `desired` whose apps
-        or keys differ from what this hub last wrote; the number written."""
-        changed = [(node, apps) for node, apps in desired.items()
-                   if self._written.get(node, ((), (), 0))[:2] != (apps, keys)]
+                      keys: tuple[PublisherKey, ...],
+                      streams: tuple[StreamSetting, ...] = ()) -> int:
+        """Write and announce the desired state of every node in `desired` whose apps,
+        keys or streams differ from what this hub last wrote; the number written."""
+        changed = []
+        for node_id, apps in desired.items():
+            # A node without apps needs no keys: registering a key rewrites only the
+            # nodes it matters to, and a node never given anything is never written.
+            wanted = (apps, keys if apps else (), streams)
+            if self._written.get(node_id, ((), (), (), 0))[:3] != wanted:
+                changed.append((node_id, wanted))
         semaphore = asyncio.Semaphore(PUT_CONCURRENCY)
 
-        async def write(node_id: str, apps: tuple[DesiredApp, ...]) -> None:
+        async def write(node_id: str, wanted: tuple[Any, ...]) -> None:
+            apps, node_keys, node_streams = wanted
             async with semaphore:
                 assert self.kv is not None
-                state = DesiredState(node_id=node_id, generation=0, apps=apps, keys=keys)
+                state = DesiredState(node_id=node_id, generation=0, apps=apps,
+                                     keys=node_keys, streams=node_streams)
                 generation = await self.kv.put(node_id, encode(state))
-                self._written[node_id] = (apps, keys, generation)
+                self._written[node_id] = (apps, node_keys, node_streams, generation)
                 await self.nc.publish(desired_notify_subject(node_id), encode(
                     msgspec.structs.replace(state, generation=generation)))
 
-        await asyncio.gather(*(write(node, apps) for node, apps in changed))
+        await asyncio.gather(*(write(node_id, wanted) for node_id, wanted in changed))
         return len(changed)
 
     async def load_written(self, node_ids: list[str]) -> None:
@@ -142,7 +151,8 @@ class DesiredPublisher:
                 continue
             state = await self.current(node_id)
             if state.generation:
-                self._written[node_id] = (state.apps, state.keys, state.generation)
+                self._written[node_id] = (state.apps, state.keys, state.streams,
+                                          state.generation)
 
     # Node requests ------------------------------------------------------------------
 

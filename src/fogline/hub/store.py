@@ -128,6 +128,13 @@ deployments = sa.Table(
     sa.Column("unsatisfied", sa.JSON, nullable=False),
 )
 
+stream_policies = sa.Table(
+    "fl_stream_policies", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("policy", sa.JSON, nullable=False),  # StreamSetting fields but name
+    sa.Column("updated_at_s", sa.Float, nullable=False),
+)
+
 _HEALTH_COLUMNS = ("status", "status_since_s", "status_reason", "last_seen_s", "interval_s",
                    "failing_streak", "returns_s", "healthy_since_s")
 

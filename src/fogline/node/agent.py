@@ -33,7 +33,7 @@ from fogline import __version__
 from fogline.clock import Clock, SystemClock
 from fogline.core.outbox import StreamPolicy
 from fogline.core.sync import refused_collections
-from fogline.errors import AuthError, FoglineError, ProtocolError, RetryableError
+from fogline.errors import AuthError, ConfigError, FoglineError, ProtocolError, RetryableError
 from fogline.node import identity as ident
 from fogline.node.apps.front import AppFront
 from fogline.node.apps.manager import AppsCollector, NodeApps
@@ -324,6 +324,27 @@ class NodeAgent:
         except OSError as exc:  # not written, so not acted on; the next push retries
             log.error("cannot store desired state generation %d: %s", state.generation, exc)
 
+    def _deployments_changed(self) -> None:
+        self._apply_stream_settings()
+        self._wake_heartbeat.set()
+
+    def _apply_stream_settings(self) -> None:
+        """The hub's Stream manifests become the outbox's fleet policies (they win over
+        what apps and flags say); a stream no longer listed goes back to those."""
+        assert self.deployments is not None
+        policies = {}
+        for setting in self.deployments.desired.streams:
+            try:
+                policies[setting.name] = StreamPolicy(
+                    priority=setting.priority, bandwidth_bps=setting.bandwidth_bps,
+                    overflow=setting.overflow,  # type: ignore[arg-type]
+                    **({"quota_bytes": setting.quota_bytes} if setting.quota_bytes else {}))
+            except ConfigError as exc:
+                log.error("stream policy %s from the hub ignored: %s", setting.name, exc)
+        if policies != self.outbox.fleet_policies:
+            log.info("fleet stream policies: %s", ", ".join(sorted(policies)) or "none")
+            self.outbox.fleet_policies = policies
+
     async def _fetch_bundle(self, app: DesiredApp) -> bytes:
         nc = self._nc
         if nc is None or not nc.is_connected:
@@ -418,7 +439,8 @@ class NodeAgent:
             # It reads the desired state stored before a restart: local first.
             self.deployments = NodeDeployments(
                 self.config.data_dir, identity.node_id, self.apps, self.clock,
-                self._fetch_bundle, on_change=self._wake_heartbeat.set)
+                self._fetch_bundle, on_change=self._deployments_changed)
+            self._apply_stream_settings()
             await self._start_apps(stack, identity)
             deploying = asyncio.create_task(self.deployments.run())
             deploying.add_done_callback(_log_crash)

@@ -7,6 +7,7 @@ replicated state.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import secrets
 from collections.abc import Callable
@@ -136,7 +137,8 @@ def local_routes(get_collections: Callable[[], NodeCollections | None],
 
 def stream_routes(get_outbox: Callable[[], Outbox | None], local_token: str) -> list[Route]:
     """`POST /local/streams/{stream}` emits `{"record": ...}`; `GET /local/streams`
-    shows every stream's backlog."""
+    shows every stream's backlog, `GET /local/stream-policies` the policy each one
+    follows and where it comes from (the hub's Stream manifests, the node, default)."""
 
     async def streams_endpoint(request: Request) -> JSONResponse:
         outbox = get_outbox()
@@ -163,8 +165,22 @@ def stream_routes(get_outbox: Callable[[], Outbox | None], local_token: str) -> 
             return _error(503, str(exc))
         return JSONResponse({"stream": name, "seq": seq})
 
+    async def policies_endpoint(request: Request) -> JSONResponse:
+        outbox = get_outbox()
+        header = request.headers.get("authorization", "")
+        if not hmac.compare_digest(header, f"Bearer {local_token}"):
+            return _error(401, "local token required")
+        if outbox is None:
+            return _error(503, "node is still starting")
+        names = sorted(set(outbox.policies) | set(outbox.fleet_policies) | set(outbox.stats()))
+        return JSONResponse({name: {
+            **dataclasses.asdict(outbox.policy(name)),
+            "source": "fleet" if name in outbox.fleet_policies else
+                      "node" if name in outbox.policies else "default"} for name in names})
+
     return [Route("/local/streams", streams_endpoint),
-            Route("/local/streams/{stream}", streams_endpoint, methods=["POST"])]
+            Route("/local/streams/{stream}", streams_endpoint, methods=["POST"]),
+            Route("/local/stream-policies", policies_endpoint)]
 
 
 def app_routes(get_apps: Callable[[], NodeApps | None], local_token: str) -> list[Route]:

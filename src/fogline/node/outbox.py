@@ -109,6 +109,8 @@ class Outbox:
         self.clock = clock
         self.policies = {check_stream_name(name): p for name, p in (policies or {}).items()}
         self.default_policy = default_policy or StreamPolicy()
+        # Set by the hub's Stream manifests: they win over what apps or flags say.
+        self.fleet_policies: dict[str, StreamPolicy] = {}
         self.block_timeout_s = block_timeout_s
         self.max_record_bytes = max_record_bytes
         self._encoder = msgspec.msgpack.Encoder()
@@ -130,6 +132,9 @@ class Outbox:
     # Public API (any thread) ----------------------------------------------------------
 
     def policy(self, stream: str) -> StreamPolicy:
+        fleet = self.fleet_policies.get(stream)
+        if fleet is not None:
+            return fleet
         return self.policies.get(stream, self.default_policy)
 
     async def emit(self, stream: str, record: Any, timeout_s: float | None = None) -> int:

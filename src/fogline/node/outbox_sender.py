@@ -63,6 +63,7 @@ class OutboxSender:
         self.publish_timeout_s = publish_timeout_s
         self.backoff_max_s = backoff_max_s
         self._buckets: dict[str, TokenBucket] = {}
+        self._bucket_policies: dict[str, StreamPolicy] = {}
         self.batches_sent = 0
         self.publish_failures = 0
         self._sent: Counter | None = None
@@ -128,10 +129,15 @@ class OutboxSender:
     def _buckets_for(self, backlogs: Mapping[str, object],
                      now_s: float) -> dict[str, TokenBucket]:
         for stream in backlogs:
-            if stream not in self._buckets:
-                bucket = self.policy(stream).bucket(now_s)
+            policy = self.policy(stream)
+            # A new policy (e.g. the hub's Stream manifest) gets a new bucket.
+            if self._bucket_policies.get(stream) is not policy:
+                self._bucket_policies[stream] = policy
+                bucket = policy.bucket(now_s)
                 if bucket is not None:
                     self._buckets[stream] = bucket
+                else:
+                    self._buckets.pop(stream, None)
         return self._buckets
 
     async def _publish(self, batch: OutboxBatch) -> None:
