@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from fogline.bench import heartbeats, node_rss
+from fogline.bench import heartbeats, node_rss, rollout
 from tests.benchcheck import assert_result_shape
 
 
@@ -52,3 +52,14 @@ def test_cold_start_quick_times_real_workers_and_reads_the_idle_node() -> None:
     assert memory["agent"] > 5 and memory["worker"] > 5 and memory["broker"] > 1
     assert memory["total"] == pytest.approx(memory["agent"] + memory["worker"]
                                             + memory["broker"], abs=0.2)
+
+
+@pytest.mark.timeout(180)
+def test_rollout_benchmarks_run_on_a_small_hollow_fleet() -> None:
+    result = rollout.run(quick=True, nodes=20)
+    assert_result_shape(result, "rollout", "lower")
+    assert 0 < result["figure"] < 120
+    assert 0 < result["conditions"]["rollback_s"] < 60
+    propagation = rollout.run_propagation(quick=True, nodes=20)
+    assert_result_shape(propagation, "desired-propagation", "lower")
+    assert 0 < propagation["figure"] < 30

@@ -11,6 +11,8 @@ from typing import Any
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "cold-start": ("fogline.bench.cold_start", "app worker start to first response"),
+    "desired-propagation": ("fogline.bench.desired_propagation",
+                            "new desired revision to every connected hollow node"),
     "drain": ("fogline.bench.drain", "backlog drain to the hub after a partition"),
     "edge-vs-cloud": ("fogline.bench.edge_vs_cloud", "demo app p99: regional node vs cloud node"),
     "front-choice": ("fogline.bench.front_choice", "app front to worker: msgpack vs HTTP vs fd"),
@@ -19,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                     "embedded MQTT broker and client candidates vs Mosquitto"),
     "outbox-enqueue": ("fogline.bench.outbox_enqueue", "durable emit rate vs raw SQLite"),
     "propagation": ("fogline.bench.propagation", "edge -> hub -> edge under emulated RTT"),
+    "rollout": ("fogline.bench.rollout", "canary rollout and automatic rollback, hollow nodes"),
     "heartbeats": ("fogline.bench.heartbeats", "hub heartbeat processing, simulated nodes"),
     "http-route": ("fogline.bench.http_route", "trivial JSON app route on one core vs workerd"),
     "mqtt-flow": ("fogline.bench.mqtt_flow", "MQTT in -> app handler -> MQTT out vs Node-RED"),

@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,10 +49,10 @@ from nats.aio.client import Client as NatsClient
 
 from fogline import __version__
 from fogline.bench import result
-from fogline.errors import RetryableError
 from fogline.hub.service import FLUSH_INTERVAL_S
-from fogline.node.identity import EnrollOptions, NodeFiles, enroll
+from fogline.node.identity import NodeFiles
 from fogline.protocol import Heartbeat, Load, encode, heartbeat_subject, inbox_prefix
+from fogline.sim.hollow import enroll_many
 
 FOGLINE = [sys.executable, "-m", "fogline"]
 INTERVAL_S = 5.0
@@ -210,24 +209,9 @@ class SimNode:
 
 def enroll_nodes(hub: HubRun, count: int, root: Path, workers: int = 8) -> list[SimNode]:
     """Enroll `count` nodes through the public API, in parallel like a fleet booting."""
-    token = hub.create_token(uses=count)
-
-    def one(index: int) -> SimNode:
-        files = NodeFiles(root / f"n{index:05d}")
-        files.dir.mkdir(parents=True, exist_ok=True)
-        options = EnrollOptions(hub_url=hub.url, token=token, name=f"sim-{index:05d}")
-        for attempt in range(5):
-            try:
-                identity = enroll(files, options, {}, time.time())
-                return SimNode(identity.node_id, files, identity.nats_urls)
-            except RetryableError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, range(count)))
+    enrolled = enroll_many(hub.url, hub.create_token(uses=count), count, root,
+                           name_prefix="sim", workers=workers)
+    return [SimNode(e.node_id, e.files, e.nats_urls) for e in enrolled]
 
 
 async def _gather_limited(calls: list[Callable[[], Any]], limit: int) -> list[Any]:

@@ -299,6 +299,8 @@ class NodeAgent:
                     await self.clock.sleep(delay_s)
                     delay_s = min(delay_s * 2, DESIRED_BACKOFF_MAX_S)
             await self._offer(state)
+            assert self.deployments is not None
+            self.deployments.retry_now()  # fetches that failed while the hub was away
             await self._refresh_desired.wait()
 
     async def _on_desired(self, msg: Msg) -> None:

@@ -426,6 +426,12 @@ class NodeDeployments:
         self._save_ledger()
         self._changed()
 
+    def retry_now(self) -> None:
+        """The hub is back: try what waits out a backoff now rather than later."""
+        if self._retries:
+            self._retries.clear()
+            self._wake.set()
+
     def _back_off(self, name: str, target: tuple[str, int], exc: Exception) -> None:
         previous = self._retries.get(name)
         delay_s = RETRY_DELAY_S_MIN
