@@ -7,10 +7,16 @@ one atomic read-modify-write. A summary of the samples since the last one goes t
 `summaries` stream every `summary_every_samples` samples, and every 10 s for machines
 that got fewer; only the node that last wrote a machine flushes it, so two nodes of a
 region do not both report the same window.
+
+`error_ratio` (config, default 0) makes the user-facing routes answer that fraction of
+their requests with a 500, spread evenly (every fifth at 0.2) rather than at random, so
+even a short window shows the ratio: `fogline demo` deploys it as a faulty version that
+its rollout's error-rate gate must stop.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -20,6 +26,7 @@ app = App("factory")
 
 SUMMARY_EVERY_SAMPLES = 500
 SAMPLES_PER_MESSAGE_MAX = 10_000
+_route_calls = itertools.count(1)  # per worker process
 
 
 def _samples(payload: Any) -> tuple[str | None, list[float]] | None:
@@ -118,13 +125,30 @@ async def flush(ctx: Context) -> None:
     ctx.log.debug("summaries flushed")
 
 
+def _injected_failure(ctx: Context) -> Response | None:
+    """A 500 for `error_ratio` of the calls (0 to 1), evenly spread; None otherwise."""
+    ratio = min(1.0, max(0.0, float(ctx.config.get("error_ratio", 0) or 0)))
+    if ratio == 0:
+        return None
+    call = next(_route_calls)
+    if math.floor(call * ratio) > math.floor((call - 1) * ratio):
+        return Response.json({"error": "injected failure", "error_ratio": ratio}, status=500)
+    return None
+
+
 @app.route("GET", "/machines")
-async def list_machines(req: Request, ctx: Context) -> dict[str, Any]:
+async def list_machines(req: Request, ctx: Context) -> dict[str, Any] | Response:
+    failure = _injected_failure(ctx)
+    if failure is not None:
+        return failure
     return {"machines": [_public(state) for _, state in ctx.collection("machines").items()]}
 
 
 @app.route("GET", "/machines/{machine}")
 async def machine_state(req: Request, ctx: Context) -> dict[str, Any] | Response:
+    failure = _injected_failure(ctx)
+    if failure is not None:
+        return failure
     state = ctx.collection("machines").get(req.path_params["machine"])
     if state is None:
         return Response.json({"error": "unknown machine",

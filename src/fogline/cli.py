@@ -407,9 +407,13 @@ def demo(
         help="Regional nodes, spread across regions (cloud-1, next to the hub, is extra)")] = 3,
     rtt_ms: Annotated[str | None, typer.Option(
         "--rtt-ms", help="RTT to the hub: 80, or us-east=20,eu-west=80,ap-south=150")] = None,
-    duration: Annotated[float, typer.Option(help="Seconds to run; 0 runs until Ctrl-C")] = 60,
+    duration: Annotated[float, typer.Option(help="Seconds to run; 0 runs until Ctrl-C")] = 100,
     chaos: Annotated[bool, typer.Option("--chaos/--no-chaos",
                                         help="Partition eu-west at t=15s for 15s")] = True,
+    rollouts: Annotated[bool, typer.Option(
+        "--rollouts/--no-rollouts",
+        help="Roll out v2 at t=40s and v3 (fails 20% of requests, rolled back) at t=70s; "
+             "v1 is deployed through the hub either way")] = True,
     headless: Annotated[bool, typer.Option(help="No live view")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary")] = (
         None),
@@ -427,7 +431,7 @@ def demo(
         regions = tuple(DEFAULT_RTT_MS)
         config = DemoConfig(data_dir=data, nodes=nodes, regions=regions,
                             rtt_ms=parse_rtt(rtt_ms, list(regions)), duration_s=duration,
-                            chaos=chaos, app_dir=app_dir)
+                            chaos=chaos, app_dir=app_dir, rollouts=rollouts)
     except FoglineError as exc:
         raise _fail(exc) from exc
     summary: dict[str, Any] = {}
@@ -456,6 +460,16 @@ def demo(
     for node in summary["nodes"]:
         typer.echo(f"{node['name']}: {node['status']}, RTT measured "
                    f"{node['rtt_measured_ms']} ms (link {node['rtt_configured_ms']} ms)")
+    for key, entry in (summary.get("rollouts") or {}).items():
+        if not key.startswith("v") or not entry.get("from_revision"):
+            continue
+        ended = (f"complete {entry['completed_after_s']}s after apply"
+                 if "completed_after_s" in entry else
+                 f"rolled back ({entry['reason']}), every node back {entry['rollback_s']}s "
+                 "after the breach" if "breach_t_s" in entry else entry["phase"])
+        errors = entry.get("user_requests", {}).get("failed", "?")
+        typer.echo(f"{key} {entry['version']}: canary {entry.get('canary')}, {ended}; "
+                   f"failed user requests meanwhile: {errors}")
 
 
 @app.command("bench")

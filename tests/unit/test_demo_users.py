@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fogline.sim.demo_apps import AppWorkload
+from fogline.sim.demo_apps import AppNode, AppWorkload
 from fogline.sim.demo_users import PathClient, PathStats, UserPath, percentile
 
 
@@ -63,3 +63,13 @@ def test_cut_window_counts_whole_seconds_inside_the_cut(tmp_path: Path) -> None:
     window = apps.during_cut()
     assert window["edge_requests"] == {"ok": 20, "failed": 0, "seconds": 2}
     assert window["cloud_requests"] == {"ok": 0, "failed": 20, "seconds": 2}
+
+
+def test_app_counters_add_up_over_the_versions_a_node_ran() -> None:
+    node = AppNode("n1", "eu", "near", Path("/nonexistent"))
+    node.saw({"revision": 1, "stats": {"messages": 5, "malformed": 1}})
+    node.saw({"revision": 1, "stats": {"messages": 9, "malformed": 1}})
+    node.saw({"revision": 2, "stats": {"messages": 2}})  # a new version starts at zero
+    assert (node.stat("messages"), node.stat("malformed"), node.switches) == (11, 1, 1)
+    node.saw({})  # not reported this time: the last status stays
+    assert node.stat("messages") == 11

@@ -37,7 +37,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     settings = AppSettings()
     config = DemoConfig(nodes=1, regions=(REGION,), rtt_ms={REGION: RTT_MS},
                         duration_s=32.0 if quick else 90.0, chaos=False, data_story=False,
-                        app_settings=settings)
+                        rollouts=False, app_settings=settings)
     load_before = os.getloadavg()[0]
     with asyncio.Runner(loop_factory=fast_loop_factory()) as runner:
         summary = runner.run(Demo(config).run())

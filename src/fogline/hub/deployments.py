@@ -203,7 +203,7 @@ class HubDeployments:
         self.poke()
         return rollout_view(changed)
 
-    def record_event(self, actor: str, kind: str, app: str, reason: str, **detail: Any) -> None:
+    def record_event(self, actor: str, kind: str, app: str, reason: str, /, **detail: Any) -> None:
         self.hub_store.add_event(self.clock.now(), actor, kind, app,
                                  {"reason": reason, **detail} if reason else detail)
 

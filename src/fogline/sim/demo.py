@@ -3,9 +3,11 @@
 A small composition of public pieces: a `fogline hub` process, one `fogline node`
 process per node (each with its own bootstrap token), a `WanEmulator` link per node for
 its hub API and NATS traffic with the region's RTT, and a scripted chaos timeline.
-Stories ride on top: the data story (demo_data: a global collection and a stream) and the
+Stories ride on top: the data story (demo_data: a global collection and a stream), the
 app story (demo_apps: the factory app on every node plus `cloud-1`, a node of tier
-`cloud` next to the hub, with simulated machines and users comparing edge and cloud).
+`cloud` next to the hub, with simulated machines and users comparing edge and cloud) and
+the rollout story (demo_rollouts: the app deployed through the hub, v2 rolled out in
+steps, v3 rolled back by its error-rate gate).
 The module is a little over fogline's ~400-line aim: it is the one place that owns the
 processes, the links and the timeline, and splitting that would scatter the story.
 """
@@ -29,6 +31,7 @@ import psutil
 from fogline.errors import ConfigError, RetryableError
 from fogline.sim.demo_apps import AppNode, AppSettings, AppWorkload, app_dir
 from fogline.sim.demo_data import DataWorkload
+from fogline.sim.demo_rollouts import FIRST_DEPLOY_TIMEOUT_S, RolloutSettings, RolloutStory
 from fogline.sim.procs import fogline_process, wait_for_file
 from fogline.sim.wan import LinkConfig, WanEmulator, WanLink
 from fogline.sim.wan_control import control_app
@@ -69,7 +72,7 @@ class DemoConfig:
     nodes: int = 3
     regions: tuple[str, ...] = tuple(DEFAULT_RTT_MS)
     rtt_ms: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RTT_MS))
-    duration_s: float = 60.0
+    duration_s: float = 100.0  # room for the partition (15-30 s) and both rollouts
     chaos: bool = True
     partition_region: str = "eu-west"
     partition_at_s: float = 15.0
@@ -79,6 +82,8 @@ class DemoConfig:
     app_dir: Path | None = None  # default: examples/factory of the source checkout
     app_settings: AppSettings = field(default_factory=AppSettings)
     data_story: bool = True
+    rollouts: bool = True  # v2 and v3 after v1 (which always goes through the hub)
+    rollout_settings: RolloutSettings = field(default_factory=RolloutSettings)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.nodes > 200:
@@ -120,6 +125,7 @@ class DemoState:
     wan_url: str = ""
     data: Any = None
     apps: AppWorkload | None = None
+    rollouts: RolloutStory | None = None
     data_dir: str = ""
     processes: int = 0
     rss_mb: float = 0.0
@@ -155,6 +161,7 @@ class Demo:
         self.apps = AppWorkload(app_dir(config.app_dir), config.app_settings) \
             if config.apps else None
         self.state.apps = self.apps
+        self.rollouts: RolloutStory | None = None
         self.partition: dict[str, Any] = {}
         self._apps_polled_s = self._resources_sampled_s = 0.0
         self._local: httpx.AsyncClient | None = None
@@ -174,6 +181,12 @@ class Demo:
     async def run(self) -> dict[str, Any]:
         with self._data_dir() as data:
             self.state.data_dir = str(data)
+            if self.apps is not None:
+                self.rollouts = self.state.rollouts = RolloutStory(
+                    self.apps.app_dir, data, self.config.rollout_settings,
+                    self.state.started_at_s, self.state.note,
+                    lambda: {n.node_id: n.name for n in self.state.nodes},
+                    self.config.rollouts)
             async with contextlib.AsyncExitStack() as stack:
                 hub_url, nats_url, admin = await self._start_hub(stack, data)
                 wan = await stack.enter_async_context(WanEmulator())
@@ -246,10 +259,10 @@ class Demo:
                           nats_url: str) -> None:
         response = await api.post("/v1/tokens", json={"ttl_s": 600, "region": node.region})
         response.raise_for_status()
-        app = [] if self.apps is None else ["--app", str(self.apps.app_dir)]
+        # No --app: the app comes through the hub (demo_rollouts).
         await stack.enter_async_context(fogline_process(
             ["node", "--data", str(node.data_dir), "--name", node.name,
-             "--region", node.region, "--tier", node.tier, *app, "--hub", hub_url,
+             "--region", node.region, "--tier", node.tier, "--hub", hub_url,
              "--token", response.json()["token"], "--nats", nats_url,
              "--heartbeat-interval", f"{self.config.heartbeat_interval_s}s"],
             data / "nodes" / f"{node.name}.log"))
@@ -317,19 +330,25 @@ class Demo:
                 part["nodes"][node.name].setdefault("ready_at_s", row["status_since_s"])
 
     async def _wait_ready(self, api: httpx.AsyncClient) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        """Every node ready at the hub, then (with the app story) the app's first version
+        applied through the hub and running on every node."""
+        deadline, ready = time.monotonic() + START_TIMEOUT_S, False
         while time.monotonic() < deadline:
             await self._poll(api)
-            apps_running = self.apps is None or all(
-                any(a.get("state") == "running" for a in n.local.get("apps", []))
-                for n in self.state.nodes)
-            if all(n.hub_status == "ready" for n in self.state.nodes) and apps_running:
-                self.state.phase = "running"
+            if not ready and all(n.hub_status == "ready" for n in self.state.nodes):
+                ready = True
                 self.state.note("fleet ready", nodes=len(self.state.nodes))
+                self.state.phase = "deploying the app through the hub"
+                deadline = time.monotonic() + FIRST_DEPLOY_TIMEOUT_S
+            if ready and (self.rollouts is None or (await self.rollouts.first_deployed(
+                    api, [n.node_id for n in self.state.nodes]) and all(
+                    any(a.get("state") == "running" for a in n.local.get("apps", []))
+                    for n in self.state.nodes))):
+                self.state.phase = "running"
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
-        raise RetryableError("nodes did not become ready in time; see logs in "
-                             f"{self.state.data_dir}")
+        what = "the app did not reach every node" if ready else "nodes did not become ready"
+        raise RetryableError(f"{what} in time; see logs in {self.state.data_dir}")
 
     def _partitioned_nodes(self) -> list[DemoNode]:
         return [n for n in self._regional() if n.region == self.config.partition_region]
@@ -395,6 +414,8 @@ class Demo:
             if now - self._resources_sampled_s >= RESOURCES_INTERVAL_S:
                 self._resources_sampled_s = now
                 self._sample_resources()
+            if self.rollouts is not None:
+                await self.rollouts.step(api, now)
             if self.apps is not None and now - self._apps_polled_s >= APPS_POLL_INTERVAL_S:
                 self._apps_polled_s = now
                 await self.apps.step(api, local)
@@ -440,6 +461,8 @@ class Demo:
             "partition": partition,
             "data": await self.data.summary(api) if self.config.data_story else None,
             "apps": self.apps.summary() if self.apps is not None else None,
+            "rollouts": self.rollouts.summary(self.apps.users, self.apps.paths_by_node())
+            if self.rollouts is not None and self.apps is not None else None,
             "resources": {"processes": self.state.processes, "rss_mb_max": self.state.rss_mb_max,
                           "cores": psutil.cpu_count()},
             "timeline": self.state.timeline,

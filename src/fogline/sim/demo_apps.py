@@ -9,7 +9,13 @@ them do. Simulated users (demo_users, a process of its own) of each region call
 edge node's site: no WAN link) and on the cloud node through a WAN link with the
 region's RTT (one way = RTT/2). Both paths ask the same app for the same machines, and
 both nodes hold those machines' state, so the comparison is like for like: the only
-difference is where the app runs.
+difference is where the app runs. A region's other nodes (`--nodes` above 3) get a
+quarter of that traffic from their own users, so every node serves users whichever one a
+rollout takes as its canary.
+
+The app comes to the nodes through the hub (demo_rollouts) and changes version during
+the run; a version's counters start at zero, so the figures here add up what was last
+seen of each version a node ran (a version's last second before a switch may be missed).
 
 When a region is cut off, its links to the cloud (users' and devices') are cut with its
 links to the hub: the edge node keeps serving and ingesting, the cloud path fails, and
@@ -87,9 +93,20 @@ class AppNode:
     summaries: dict[str, int] = field(default_factory=dict)
     backlog_max: int = 0
     at_hub: int = 0
+    earlier: dict[str, int] = field(default_factory=dict)  # counters of versions replaced
+    switches: int = 0  # versions replaced
 
     def stat(self, name: str) -> int:
-        return int(self.app.get("stats", {}).get(name, 0))
+        return self.earlier.get(name, 0) + int(self.app.get("stats", {}).get(name, 0))
+
+    def saw(self, app: dict[str, Any]) -> None:
+        """The app's latest status; its counters are banked when its revision changes."""
+        if self.app and app and self.app.get("revision") != app.get("revision"):
+            for name, value in self.app.get("stats", {}).items():
+                if isinstance(value, int | float):
+                    self.earlier[name] = self.earlier.get(name, 0) + int(value)
+            self.switches += 1
+        self.app = app or self.app
 
     def _local(self) -> tuple[str, dict[str, str]] | None:
         endpoint, token = self.data_dir / "endpoint", self.data_dir / "local.token"
@@ -144,6 +161,7 @@ class AppWorkload:
         cloud_http = _host_port((cloud.data_dir / "endpoint").read_text().strip())
         cloud_mqtt = _host_port((cloud.data_dir / "mqtt.url").read_text().strip())
         first_of_region: dict[str, AppNode] = {}
+        others: list[AppNode] = []
         for node in nodes:
             if node.region not in self.links:
                 one_way = LinkConfig(latency_ms=node.rtt_ms / 2)
@@ -151,6 +169,8 @@ class AppWorkload:
                     wan.add_link(f"{cloud.name}/http/{node.region}", cloud_http, one_way),
                     wan.add_link(f"{cloud.name}/mqtt/{node.region}", cloud_mqtt, one_way)]
                 first_of_region[node.region] = node
+            else:
+                others.append(node)
             mqtt_link = self.links[node.region][1]
             self.devices.append(NodeDevices(
                 node.name, node.region, (node.data_dir / "mqtt.url").read_text().strip(),
@@ -164,6 +184,17 @@ class AppWorkload:
                                        machines[node.name], rate))
             self.paths.append(UserPath(region, "cloud", cloud.name, "127.0.0.1",
                                        self.links[region][0].port, machines[node.name], rate))
+        for node in others:
+            host, port = _host_port((node.data_dir / "endpoint").read_text().strip())
+            self.paths.append(UserPath(node.region, f"edge {node.name}", node.name, host,
+                                       port, machines[node.name], rate / 4))
+
+    def paths_by_node(self) -> dict[str, list[str]]:
+        """Node name -> the keys of the user paths calling it."""
+        by_node: dict[str, list[str]] = {}
+        for path in self.paths:
+            by_node.setdefault(path.node, []).append(path.key)
+        return by_node
 
     @contextlib.asynccontextmanager
     async def traffic(self, data: Path) -> AsyncIterator[None]:
@@ -195,7 +226,7 @@ class AppWorkload:
                 continue
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
                 apps = (await local.get(f"{where[0]}/local/apps", headers=where[1])).json()
-                node.app = next((a for a in apps if a["name"] == APP), {})
+                node.saw(next((a for a in apps if a["name"] == APP), {}))
                 streams = (await local.get(f"{where[0]}/local/streams",
                                            headers=where[1])).json()
                 stream = streams.get(STREAM, {})
@@ -299,14 +330,15 @@ class AppWorkload:
         devices = {d.node: d for d in self.devices}
         rows = []
         for node in self.nodes.values():
-            stats = node.app.get("stats", {})
             row: dict[str, Any] = {
                 "node": node.name, "region": node.region, "tier": node.tier,
                 "state": node.app.get("state", "starting"),
+                "version": node.app.get("version", ""), "revision": node.app.get("revision"),
+                "versions_replaced": node.switches,
                 "restarts": node.app.get("restarts", 0), "reason": node.app.get("reason", ""),
-                "messages": stats.get("messages", 0), "malformed": stats.get("malformed", 0),
-                "requests": stats.get("requests", 0), "errors": stats.get("errors", 0),
-                "handler_errors": stats.get("handler_errors", 0),
+                "messages": node.stat("messages"), "malformed": node.stat("malformed"),
+                "requests": node.stat("requests"), "errors": node.stat("errors"),
+                "handler_errors": node.stat("handler_errors"),
                 "summaries_emitted": node.summaries.get("emitted", 0),
                 "summaries_backlog": node.summaries.get("backlog", 0),
                 "summaries_backlog_max": node.backlog_max, "summaries_at_hub": node.at_hub}

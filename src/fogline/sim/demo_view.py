@@ -1,6 +1,7 @@
 """The demo's live terminal view (rich): the fleet as the hub sees it and as each node
 sees itself, the data story, the app story (edge vs cloud latency per region, device
-messages and summaries per node), with the chaos timeline underneath."""
+messages and summaries per node), the rollouts (each version's step, phase and nodes on
+it), with the chaos timeline underneath."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from rich.text import Text
 
 from fogline.sim.demo import DemoState
 from fogline.sim.demo_apps import COMPARED, USER_TO_CLOUD, USER_TO_EDGE, AppWorkload
+from fogline.sim.demo_rollouts import RolloutStory
 
+PHASE_STYLE = {"complete": "green", "progressing": "bold yellow", "rolled_back": "bold red",
+               "paused": "magenta", "applying": "dim"}
 STATUS_STYLE = {"ready": "bold green", "degraded": "yellow", "quarantined": "magenta",
                 "offline": "bold red", "revoked": "dim", "starting": "dim"}
 
@@ -72,6 +76,8 @@ def render(state: DemoState) -> Panel:
         parts.append(data)
     if state.apps is not None:
         parts.append(render_apps(state.apps))
+    if state.rollouts is not None:
+        parts.append(render_rollouts(state.rollouts))
     parts.append(Panel(lines, title="timeline", border_style="dim"))
     return Panel(Group(*parts),
                  title=title,
@@ -110,7 +116,8 @@ def render_apps(apps: AppWorkload) -> Panel:
     for row in apps.node_rows():
         state = row["state"]
         nodes.add_row(row["node"], row["tier"],
-                      Text(state, style="green" if state == "running" else "yellow"),
+                      Text(f"{state} {row['version']}".strip(),
+                           style="green" if state == "running" else "yellow"),
                       str(row["messages"]), str(row["malformed"]), str(row["requests"]),
                       str(row["summaries_emitted"]),
                       Text(str(row["summaries_backlog"]),
@@ -129,3 +136,28 @@ def render_apps(apps: AppWorkload) -> Panel:
                     style="yellow" if not cut["healed"] else "")
     return Panel(Group(latency, nodes, note), title="edge vs cloud: the factory app",
                  border_style="cyan")
+
+
+def render_rollouts(story: RolloutStory) -> Panel:
+    """Each version applied through the hub: its rollout's step and phase, the nodes
+    running it, why it was rolled back."""
+    table = _table()
+    for column in ("version", "applied", "phase", "step", "on it"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("why", ratio=1)
+    for row in story.rows():
+        phase = row["phase"]
+        why = row["reason"]
+        if phase == "progressing" and row["cohort"]:
+            why = "on " + ", ".join(row["cohort"])
+        if phase == "complete" and row["from_revision"] and row["ended_t_s"] is not None:
+            why = f"complete at t={row['ended_t_s']:.1f}s"
+        if row["back_t_s"] is not None:
+            why += f"; every node back on r{row['from_revision']} at t={row['back_t_s']:.1f}s"
+        table.add_row(
+            f"{row['release']} {row['version']} (r{row['revision']})",
+            f"t={row['applied_t_s']:.0f}s", Text(phase, style=PHASE_STYLE.get(phase, "")),
+            row["step"], f"{row['on_it']}/{row['nodes']}",
+            Text(why, style="red" if phase == "rolled_back" else "dim"))
+    return Panel(Group(table, Text(story.plan(), style="dim")),
+                 title=f"rollouts of '{story.app}' through the hub", border_style="blue")
