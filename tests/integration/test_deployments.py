@@ -283,6 +283,23 @@ def test_bundles_refused_at_the_hub(tmp_path: Path, key: Path) -> None:
             same_version = client.post("/v1/apply", json=apply_request(doc2, key, ""))
             assert same_version.status_code == 409 and "bump" in same_version.text
 
+            # Publisher keys: a key id that is not the key's, an unknown key to revoke,
+            # and a revoked key (refused for new bundles and for registering again).
+            key_id, public = key.with_suffix(".pub").read_text().split()
+            wrong = client.post("/v1/keys", json={"key_id": "0" * 16, "public_key": public})
+            assert wrong.status_code == 409 and "does not belong" in wrong.text
+            assert client.post("/v1/keys/nope/revoke", json={}).status_code == 404
+            assert client.post(f"/v1/keys/{key_id}/revoke",
+                               json={"reason": "leaked"}).status_code == 200
+            again = client.post("/v1/keys", json={"key_id": key_id, "public_key": public})
+            assert again.status_code == 409 and "revoked" in again.text
+            v2 = write_app(tmp_path / "v2", "2.0")
+            [doc4] = read_documents(v2)
+            revoked = client.post("/v1/apply", json=apply_request(doc4, key, ""))
+            assert revoked.json()["code"] == "unknown-key"
+            kinds = [e["kind"] for e in client.get("/v1/events").json()]
+            assert "key.revoked" in kinds and "key.registered" in kinds
+
 
 def test_node_refuses_a_bundle_the_hub_was_made_to_serve(tmp_path: Path, key: Path) -> None:
     """A compromised desired state (a bundle signed by a key the node does not trust)
