@@ -100,6 +100,8 @@ class HubDeployments:
         self.tick_s = tick_s
         self.wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A rollout is progressing: fresh heartbeats are worth a controller pass at once.
+        self.active = False
 
     # Apply --------------------------------------------------------------------------
 
@@ -271,6 +273,7 @@ class HubDeployments:
         revisions = self.store.all_revisions()
         desired: dict[str, list[DesiredApp]] = {
             facts.id: [] for facts, _, _ in fleet if facts.status != "revoked"}
+        active = False
         for row in self.store.list():
             app = row["app"]
             rollout = rollout_from_json(row["rollout"])
@@ -283,11 +286,13 @@ class HubDeployments:
                     self._record(rollout, advanced, placed, row["unsatisfied"])
                 else:
                     advanced = rollout  # another hub decided this tick
+            active = active or advanced.phase == "progressing"
             for node, number in ro.desired_revisions(advanced, placed.eligible,
                                                      placed.pins).items():
                 revision = revisions.get((app, number))
                 if revision is not None and node in desired:
                     desired[node].append(desired_app(revision))
+        self.active = active
         keys = tuple(PublisherKey(k, v) for k, v in sorted(self.store.trusted_keys().items()))
         streams = tuple(StreamSetting(name=name, **fields)
                         for name, fields in self.store.streams().items())

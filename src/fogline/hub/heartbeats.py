@@ -96,6 +96,11 @@ class HeartbeatProcessor:
         self._pending[message.node_id] = (message, self.clock.now())
         self.metrics.received.inc()
 
+    @property
+    def pending(self) -> int:
+        """Heartbeats received and not yet written."""
+        return len(self._pending)
+
     def flush(self) -> list[Transition]:
         """Write the pending heartbeats; return the status changes they caused."""
         if not self._pending:

@@ -282,7 +282,10 @@ class Hub:
                             registry=self.registry)
         next_sweep = 0.0
         while True:
+            flushed = processor.pending
             await asyncio.to_thread(processor.flush)
+            if flushed and self.deployments.active:
+                self.deployments.poke()  # a step may have converged or breached just now
             if self.clock.monotonic() >= next_sweep:
                 await asyncio.to_thread(processor.sweep)
                 counts = await asyncio.to_thread(self.store.count_by_status)
