@@ -283,7 +283,7 @@ def get_apps(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
 @get_app.command("events")
 def get_events(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
                output: OutputOpt = "table", limit: int = 50) -> None:
-    """The audit log: enrollments, status changes, revocations."""
+    """The audit log: enrollments, status changes, revocations, deployments, rollouts."""
     events = _hub_request(hub, token, data, "GET", f"/v1/events?limit={limit}")
     if output == "json":
         typer.echo(json.dumps(events, indent=2))
