@@ -47,6 +47,7 @@ app.command("apply")(cli_deploy.apply)
 app.command("delete")(cli_deploy.delete)
 get_app.command("deployments")(cli_deploy.get_deployments)
 get_app.command("rollouts")(cli_deploy.get_rollouts)
+get_app.command("sites")(cli_deploy.get_sites)
 
 console = Console()
 

@@ -1,4 +1,5 @@
-"""CLI for deployments: `apply`, `delete`, `keys`, `rollout`, `get deployments|rollouts`."""
+"""CLI for deployments: `apply`, `delete`, `keys`, `rollout`,
+`get deployments|rollouts|sites`."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _call(client: HubClient, method: str, path: str, body: dict[str, Any] | None
 
 def apply(file: FileOpt, hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
           key: KeyOpt = None, reason: ReasonOpt = "") -> None:
-    """Make the fleet match manifests (idempotent): App, Collection and Stream kinds."""
+    """Make the fleet match manifests (idempotent): App, Collection, Stream and Site kinds."""
     from fogline.deploy_client import apply_request, read_documents
 
     try:
@@ -87,6 +88,10 @@ def apply(file: FileOpt, hub: HubOpt = None, token: TokenOpt = None, data: DataO
                            {"name": doc.name, "policy": doc.body.get("spec", {}),
                             "reason": reason})
             typer.echo(f"stream/{doc.name} {result['result']}")
+        elif doc.kind == "Site":
+            result = _call(client, "POST", "/v1/sites",
+                           {"name": doc.name, "spec": doc.body["spec"], "reason": reason})
+            typer.echo(f"site/{doc.name} {result['result']}")
         else:
             spec = doc.body["spec"]
             result = _call(client, "POST", "/v1/collections",
@@ -114,6 +119,9 @@ def delete(file: FileOpt, hub: HubOpt = None, token: TokenOpt = None, data: Data
         elif doc.kind == "Stream":
             _call(client, "DELETE", f"/v1/stream-policies/{doc.name}?reason={quote(reason)}")
             typer.echo(f"stream/{doc.name} deleted (nodes go back to their own policy)")
+        elif doc.kind == "Site":
+            _call(client, "DELETE", f"/v1/sites/{doc.name}?reason={quote(reason)}")
+            typer.echo(f"site/{doc.name} deleted")
         else:
             _call(client, "DELETE", f"/v1/deployments/{doc.name}?reason={quote(reason)}")
             typer.echo(f"app/{doc.name} deleted")
@@ -278,3 +286,21 @@ def get_rollouts(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = Non
         return
     for view in views:
         console.print(rollout_panel(view))
+
+
+def get_sites(hub: HubOpt = None, token: TokenOpt = None, data: DataOpt = None,
+              output: OutputOpt = "table") -> None:
+    """Sites (kind: Site): the origins nodes front as a shared cache."""
+    sites = _call(_client(hub, token, data), "GET", "/v1/sites")
+    if output == "json":
+        typer.echo(json.dumps(sites, indent=2))
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("SITE", "ORIGIN", "HOSTS", "PATH PREFIXES", "SELECTOR"):
+        table.add_column(column)
+    for name, spec in sites.items():
+        selector = spec.get("placement", {}).get("selector", {})
+        shown = ", ".join(f"{k}={v}" for k, v in selector.items() if v) or "every node"
+        table.add_row(name, spec["origin"], ", ".join(spec.get("hosts", [])),
+                      ", ".join(spec.get("path_prefixes", [])), shown)
+    console.print(table)

@@ -24,7 +24,7 @@ from fogline.bundle import Bundle, load_key, pack, sign
 from fogline.deploy_spec import DEPLOY_FIELDS, deploy_spec
 from fogline.errors import ConfigError
 
-KINDS = ("App", "Collection", "Stream")
+KINDS = ("App", "Collection", "Stream", "Site")
 STREAM_FIELDS = ("priority", "bandwidth_bps", "quota_bytes", "overflow")
 _SKIPPED_DIRS = {".git", ".venv", "venv", "__pycache__", "node_modules"}
 
@@ -80,6 +80,8 @@ def read_documents(path: Path) -> list[Document]:
                 deploy_spec(body.get("spec", {}), str(file))
             elif kind == "Collection":
                 _check_collection(body, file)
+            elif kind == "Site":
+                _check_site(body, file)
             else:
                 _check_stream(body, file)
             documents.append(Document(file, kind, body["metadata"]["name"], body))
@@ -125,6 +127,19 @@ def _check_stream(body: dict[str, Any], file: Path) -> None:
         StreamPolicy(**spec)
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{file}: {exc}") from exc
+
+
+def _check_site(body: dict[str, Any], file: Path) -> None:
+    from fogline.site_spec import check_site_name, site_spec
+
+    metadata, spec = body.get("metadata"), body.get("spec")
+    if not isinstance(metadata, dict) or not isinstance(spec, dict):
+        raise ConfigError(f"{file}: a Site has metadata.name and a spec mapping")
+    try:
+        check_site_name(metadata.get("name"))
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from exc
+    site_spec(spec, str(file))
 
 
 def app_bundle(doc: Document) -> Bundle:

@@ -210,6 +210,19 @@ class StreamSetting(msgspec.Struct, frozen=True):
     overflow: str = "block"
 
 
+class SiteSetting(msgspec.Struct, frozen=True):
+    """An origin this node fronts as a shared cache (a `kind: Site` manifest placed on
+    it); see fogline.site_spec."""
+
+    name: str
+    origin: str
+    hosts: tuple[str, ...] = ()
+    path_prefixes: tuple[str, ...] = ()
+    memory_bytes: int = 64 * 1024 * 1024
+    disk_bytes: int = 512 * 1024 * 1024
+    stale_if_error_s: float = 0.0
+
+
 class DesiredState(msgspec.Struct, frozen=True, tag="desired"):
     """Everything the hub wants one node to run. `generation` grows with every change
     for the node, so a node never acts on an older state after a newer one."""
@@ -219,6 +232,7 @@ class DesiredState(msgspec.Struct, frozen=True, tag="desired"):
     apps: tuple[DesiredApp, ...] = ()
     keys: tuple[PublisherKey, ...] = ()
     streams: tuple[StreamSetting, ...] = ()
+    sites: tuple[SiteSetting, ...] = ()
     v: int = PROTOCOL_VERSION
 
 

@@ -43,6 +43,12 @@ class StreamSet(BaseModel):
     reason: str = Field("", max_length=500)
 
 
+class SiteSet(BaseModel):
+    name: str = Field(max_length=64)
+    spec: dict[str, Any]
+    reason: str = Field("", max_length=500)
+
+
 class ApplyRequest(BaseModel):
     manifest: dict[str, Any]
     bundle: str = Field(max_length=(BUNDLE_BYTES_MAX * 4) // 3 + 8)  # base64
@@ -100,6 +106,20 @@ def add_deploy_routes(app: FastAPI, hub: DeployOperations, admin: Any) -> None:
     @app.delete("/v1/stream-policies/{name}")
     def delete_stream(name: str, actor: admin, reason: str = "") -> dict[str, Any]:
         hub.deployments.delete_stream(name, actor, reason)
+        return {"name": name, "result": "deleted"}
+
+    @app.post("/v1/sites")
+    def set_site(body: SiteSet, actor: admin) -> dict[str, Any]:
+        result = hub.deployments.set_site(body.name, body.spec, actor, body.reason)
+        return {"name": body.name, "result": result}
+
+    @app.get("/v1/sites")
+    def list_sites(_: admin) -> dict[str, Any]:
+        return hub.deployments.store.sites()
+
+    @app.delete("/v1/sites/{name}")
+    def delete_site(name: str, actor: admin, reason: str = "") -> dict[str, Any]:
+        hub.deployments.delete_site(name, actor, reason)
         return {"name": name, "result": "deleted"}
 
     @app.get("/v1/deployments")

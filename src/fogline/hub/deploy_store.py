@@ -24,6 +24,7 @@ from fogline.hub.store import (
     nodes,
     publisher_keys,
     revisions,
+    sites,
     stream_policies,
 )
 from fogline.protocol import AppStatus, BundleRefusal
@@ -108,7 +109,7 @@ class DeployStore:
             raise NotFoundError(f"no deployment {app!r}")
         return row
 
-    def list(self) -> list[dict[str, Any]]:
+    def all(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(deployments.select().order_by(deployments.c.app))
             return [dict(row) for row in rows.mappings()]
@@ -181,6 +182,32 @@ class DeployStore:
             rows = conn.execute(sa.select(stream_policies.c.name, stream_policies.c.policy)
                                 .order_by(stream_policies.c.name))
             return {row.name: dict(row.policy) for row in rows}
+
+    # Sites (`kind: Site`) ---------------------------------------------------------------
+
+    def set_site(self, name: str, spec: dict[str, Any], now_s: float) -> str:
+        """created, configured or unchanged."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(sites.c.spec).where(sites.c.name == name)).first()
+            if row is not None and row.spec == spec:
+                return "unchanged"
+            if row is None:
+                conn.execute(sites.insert().values(name=name, spec=spec, updated_at_s=now_s))
+                return "created"
+            conn.execute(sites.update().where(sites.c.name == name)
+                         .values(spec=spec, updated_at_s=now_s))
+            return "configured"
+
+    def delete_site(self, name: str) -> None:
+        with self._tx() as conn:
+            done = conn.execute(sites.delete().where(sites.c.name == name))
+            if done.rowcount != 1:
+                raise NotFoundError(f"no site {name!r}")
+
+    def sites(self) -> dict[str, dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(sites.c.name, sites.c.spec).order_by(sites.c.name))
+            return {row.name: dict(row.spec) for row in rows}
 
     # Nodes as rollouts see them -----------------------------------------------------
 

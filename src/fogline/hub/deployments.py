@@ -29,7 +29,15 @@ from fogline.errors import ConfigError
 from fogline.hub.deploy_store import DeployStore, rollout_from_json
 from fogline.hub.desired import DesiredPublisher
 from fogline.hub.store import HubStore
-from fogline.protocol import AppStatus, BundleRefusal, DesiredApp, PublisherKey, StreamSetting
+from fogline.protocol import (
+    AppStatus,
+    BundleRefusal,
+    DesiredApp,
+    PublisherKey,
+    SiteSetting,
+    StreamSetting,
+)
+from fogline.site_spec import SiteSpec, check_site_name, site_spec, to_setting
 
 log = logging.getLogger("fogline.hub.deployments")
 
@@ -167,6 +175,23 @@ class HubDeployments:
         self.record_event(actor, "stream.deleted", name, reason)
         self.poke()
 
+    def set_site(self, name: str, spec: dict[str, Any], actor: str, reason: str = "") -> str:
+        """An origin fronted by the nodes it is placed on (`kind: Site`): created,
+        configured or unchanged."""
+        check_site_name(name)
+        spec_json = site_spec(spec, f"site {name}").model_dump(mode="json")
+        result = self.store.set_site(name, spec_json, self.clock.now())
+        if result != "unchanged":
+            self.record_event(actor, f"site.{result}", name, reason,
+                              origin=spec_json["origin"])
+            self.poke()
+        return result
+
+    def delete_site(self, name: str, actor: str, reason: str = "") -> None:
+        self.store.delete_site(name)
+        self.record_event(actor, "site.deleted", name, reason)
+        self.poke()
+
     def delete(self, app: str, actor: str, reason: str = "") -> None:
         self.store.delete(app)
         self.record_event(actor, "deployment.deleted", app, reason)
@@ -213,7 +238,7 @@ class HubDeployments:
 
     def describe(self, app: str | None = None) -> list[dict[str, Any]]:
         """Deployments (or one) with their rollout and every targeted node."""
-        rows = [self.store.require(app)] if app else self.store.list()
+        rows = [self.store.require(app)] if app else self.store.all()
         fleet = self.store.fleet()
         revisions = self.store.all_revisions()
         views = []
@@ -262,19 +287,21 @@ class HubDeployments:
 
     async def tick(self) -> int:
         """One pass: advance every rollout, publish desired state; nodes written."""
-        desired, keys, streams = await asyncio.to_thread(self.decide)
+        desired, keys, streams, sites = await asyncio.to_thread(self.decide)
         assert self.publisher is not None
-        return await self.publisher.publish(desired, keys, streams)
+        return await self.publisher.publish(desired, keys, streams, sites)
 
     def decide(self) -> tuple[dict[str, tuple[DesiredApp, ...]], tuple[PublisherKey, ...],
-                              tuple[StreamSetting, ...]]:
+                              tuple[StreamSetting, ...], dict[str, tuple[SiteSetting, ...]]]:
+        """Every node's apps, the trusted keys, the stream policies and each node's
+        sites; advances rollouts on the way."""
         now_s = self.clock.now()
         fleet = self.store.fleet()
         revisions = self.store.all_revisions()
         desired: dict[str, list[DesiredApp]] = {
             facts.id: [] for facts, _, _ in fleet if facts.status != "revoked"}
         active = False
-        for row in self.store.list():
+        for row in self.store.all():
             app = row["app"]
             rollout = rollout_from_json(row["rollout"])
             placed = lay_out(row, fleet, versions_of(revisions, app), rollout.to_revision)
@@ -296,7 +323,9 @@ class HubDeployments:
         keys = tuple(PublisherKey(k, v) for k, v in sorted(self.store.trusted_keys().items()))
         streams = tuple(StreamSetting(name=name, **fields)
                         for name, fields in self.store.streams().items())
-        return {node: tuple(apps) for node, apps in desired.items()}, keys, streams
+        sites = sites_by_node(self.store.sites(), [facts for facts, _, _ in fleet])
+        return ({node: tuple(apps) for node, apps in desired.items()}, keys, streams,
+                {node: sites.get(node, ()) for node in desired})
 
     def _record(self, before: Rollout, after: Rollout, placed: Placed,
                 unsatisfied_before: Mapping[str, str]) -> None:
@@ -312,6 +341,18 @@ class HubDeployments:
         for node, why in placed.unsatisfied.items():
             if unsatisfied_before.get(node) != why:
                 self.record_event(CONTROLLER, "placement.unsatisfied", app, why, node_id=node)
+
+
+def sites_by_node(rows: Mapping[str, dict[str, Any]],
+                  fleet: list[NodeFacts]) -> dict[str, tuple[SiteSetting, ...]]:
+    """node id -> the sites whose placement picks it (sorted by name)."""
+    placed: dict[str, list[SiteSetting]] = {}
+    for name, spec_json in sorted(rows.items()):
+        spec = SiteSpec.model_validate(spec_json)
+        setting = to_setting(name, spec)
+        for node in place(to_placement(spec.placement), fleet).selected:
+            placed.setdefault(node, []).append(setting)
+    return {node: tuple(settings) for node, settings in placed.items()}
 
 
 def stable_revision(rollout: Rollout) -> int:

@@ -39,6 +39,7 @@ from fogline.protocol import (
     DesiredRequest,
     DesiredState,
     PublisherKey,
+    SiteSetting,
     StreamSetting,
     decode,
     desired_notify_subject,
@@ -63,7 +64,7 @@ class DesiredPublisher:
         self.js = js
         self.kv: KeyValue | None = None
         self.objects: ObjectStore | None = None
-        # What this hub last wrote per node: (apps, keys, streams, generation).
+        # What this hub last wrote per node: (apps, keys, streams, sites, generation).
         self._written: dict[str, tuple[Any, ...]] = {}
         self._bundles: OrderedDict[str, bytes] = OrderedDict()
         self._bundle_bytes = 0
@@ -117,26 +118,30 @@ class DesiredPublisher:
 
     async def publish(self, desired: Mapping[str, tuple[DesiredApp, ...]],
                       keys: tuple[PublisherKey, ...],
-                      streams: tuple[StreamSetting, ...] = ()) -> int:
+                      streams: tuple[StreamSetting, ...] = (),
+                      sites: Mapping[str, tuple[SiteSetting, ...]] | None = None) -> int:
         """Write and announce the desired state of every node in `desired` whose apps,
-        keys or streams differ from what this hub last wrote; the number written."""
+        keys, streams or sites differ from what this hub last wrote; the number written.
+        `sites` is per node (placement picks them); a node missing from it has none."""
         changed = []
         for node_id, apps in desired.items():
             # A node without apps needs no keys: registering a key rewrites only the
             # nodes it matters to, and a node never given anything is never written.
-            wanted = (apps, keys if apps else (), streams)
-            if self._written.get(node_id, ((), (), (), 0))[:3] != wanted:
+            node_sites = sites.get(node_id, ()) if sites else ()
+            wanted = (apps, keys if apps else (), streams, node_sites)
+            if self._written.get(node_id, ((), (), (), (), 0))[:4] != wanted:
                 changed.append((node_id, wanted))
         semaphore = asyncio.Semaphore(PUT_CONCURRENCY)
 
         async def write(node_id: str, wanted: tuple[Any, ...]) -> None:
-            apps, node_keys, node_streams = wanted
+            apps, node_keys, node_streams, node_sites = wanted
             async with semaphore:
                 assert self.kv is not None
                 state = DesiredState(node_id=node_id, generation=0, apps=apps,
-                                     keys=node_keys, streams=node_streams)
+                                     keys=node_keys, streams=node_streams, sites=node_sites)
                 generation = await self.kv.put(node_id, encode(state))
-                self._written[node_id] = (apps, node_keys, node_streams, generation)
+                self._written[node_id] = (apps, node_keys, node_streams, node_sites,
+                                          generation)
                 await self.nc.publish(desired_notify_subject(node_id), encode(
                     msgspec.structs.replace(state, generation=generation)))
 
@@ -152,7 +157,7 @@ class DesiredPublisher:
             state = await self.current(node_id)
             if state.generation:
                 self._written[node_id] = (state.apps, state.keys, state.streams,
-                                          state.generation)
+                                          state.sites, state.generation)
 
     # Node requests ------------------------------------------------------------------
 

@@ -135,6 +135,13 @@ stream_policies = sa.Table(
     sa.Column("updated_at_s", sa.Float, nullable=False),
 )
 
+sites = sa.Table(
+    "fl_sites", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("spec", sa.JSON, nullable=False),  # fogline.site_spec.SiteSpec as JSON
+    sa.Column("updated_at_s", sa.Float, nullable=False),
+)
+
 _HEALTH_COLUMNS = ("status", "status_since_s", "status_reason", "last_seen_s", "interval_s",
                    "failing_streak", "returns_s", "healthy_since_s")
 

@@ -46,6 +46,7 @@ from fogline.node.enroll_once import enroll_if_needed
 from fogline.node.http import NodeState, create_node_app, load_local_token
 from fogline.node.outbox import Outbox
 from fogline.node.outbox_sender import OutboxSender
+from fogline.node.sites import SiteFront
 from fogline.node.sqlite_writer import FsyncPolicy
 from fogline.node.sync import NodeSync
 from fogline.protocol import (
@@ -328,6 +329,8 @@ class NodeAgent:
 
     def _deployments_changed(self) -> None:
         self._apply_stream_settings()
+        assert self.deployments is not None
+        self.sites.apply(self.deployments.desired.sites)
         self._wake_heartbeat.set()
 
     def _apply_stream_settings(self) -> None:
@@ -416,10 +419,14 @@ class NodeAgent:
                                    lambda: self.apps, lambda: self.deployments)
         apps = self.apps
         self.state.registry.register(AppsCollector(lambda: apps))
-        app: Any = AppFront(node_app, lambda: apps.supervisors)
+        # Sites (kind: Site) first: their hosts and prefixes are the operator's choice.
+        self.sites = SiteFront(AppFront(node_app, lambda: apps.supervisors),
+                               self.config.data_dir / "cache", self.clock)
+        app: Any = self.sites
         apps.on_change = lambda _: self._wake_heartbeat.set()
         async with contextlib.AsyncExitStack() as stack:
             self._stack = stack
+            stack.push_async_callback(self.sites.aclose)  # after the server stops
             bound = await stack.enter_async_context(serve_http(app, host, int(port)))
             self.state.endpoint = f"http://{host}:{bound}"
             identity = await self._identity()
@@ -443,6 +450,7 @@ class NodeAgent:
                 self.config.data_dir, identity.node_id, self.apps, self.clock,
                 self._fetch_bundle, on_change=self._deployments_changed)
             self._apply_stream_settings()
+            self.sites.apply(self.deployments.desired.sites)
             await self._start_apps(stack, identity)
             deploying = asyncio.create_task(self.deployments.run())
             deploying.add_done_callback(_log_crash)
