@@ -90,16 +90,20 @@ async def _apply(collections: NodeCollections, name: str, body: dict[str, Any]) 
         raise ConfigError("op must be one of put, delete, incr, decr, add, remove")
 
 
+def _refused(request: Request, local_token: str) -> JSONResponse | None:
+    """401 unless the request carries the node's local token."""
+    header = request.headers.get("authorization", "")
+    if hmac.compare_digest(header, f"Bearer {local_token}"):
+        return None
+    return _error(401, "local token required")
+
+
 def local_routes(get_collections: Callable[[], NodeCollections | None],
                  local_token: str) -> list[Route]:
-    def authorized(request: Request) -> bool:
-        header = request.headers.get("authorization", "")
-        return hmac.compare_digest(header, f"Bearer {local_token}")
-
     async def collections_endpoint(request: Request) -> JSONResponse:
         collections = get_collections()
-        if not authorized(request):
-            return _error(401, "local token required")
+        if refused := _refused(request, local_token):
+            return refused
         if collections is None:
             return _error(503, "node is still starting")
         name = request.path_params.get("name")
@@ -142,9 +146,8 @@ def stream_routes(get_outbox: Callable[[], Outbox | None], local_token: str) -> 
 
     async def streams_endpoint(request: Request) -> JSONResponse:
         outbox = get_outbox()
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header, f"Bearer {local_token}"):
-            return _error(401, "local token required")
+        if refused := _refused(request, local_token):
+            return refused
         if outbox is None:
             return _error(503, "node is still starting")
         name = request.path_params.get("stream")
@@ -167,9 +170,8 @@ def stream_routes(get_outbox: Callable[[], Outbox | None], local_token: str) -> 
 
     async def policies_endpoint(request: Request) -> JSONResponse:
         outbox = get_outbox()
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header, f"Bearer {local_token}"):
-            return _error(401, "local token required")
+        if refused := _refused(request, local_token):
+            return refused
         if outbox is None:
             return _error(503, "node is still starting")
         names = sorted(set(outbox.policies) | set(outbox.fleet_policies) | set(outbox.stats()))
@@ -188,9 +190,8 @@ def app_routes(get_apps: Callable[[], NodeApps | None], local_token: str) -> lis
     /local/apps/{name}/reload` re-reads an app's manifest and replaces its workers."""
 
     async def apps_endpoint(request: Request) -> JSONResponse:
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header, f"Bearer {local_token}"):
-            return _error(401, "local token required")
+        if refused := _refused(request, local_token):
+            return refused
         apps = get_apps()
         if apps is None:
             return JSONResponse([])
@@ -215,9 +216,8 @@ def deployment_routes(get_deployments: Callable[[], NodeDeployments | None],
     running, and the revisions refused (with why)."""
 
     async def deployments_endpoint(request: Request) -> JSONResponse:
-        header = request.headers.get("authorization", "")
-        if not hmac.compare_digest(header, f"Bearer {local_token}"):
-            return _error(401, "local token required")
+        if refused := _refused(request, local_token):
+            return refused
         deployments = get_deployments()
         if deployments is None:
             return _error(503, "node is still starting")
