@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from fogline.errors import ConfigError
 from fogline.hub.deploy_store import DeployStore, rollout_from_json
 from fogline.hub.desired import DesiredPublisher
 from fogline.hub.store import HubStore
+from fogline.manifest import AppManifest
 from fogline.protocol import (
     AppStatus,
     BundleRefusal,
@@ -114,9 +115,12 @@ class HubDeployments:
     # Apply --------------------------------------------------------------------------
 
     def apply(self, manifest: dict[str, Any], bundle: bytes, digest: str, key_id: str,
-              signature: str, actor: str, reason: str = "") -> dict[str, Any]:
-        """Validate and record; the bundle is stored by the caller (`store_bundle`)
-        first. Returns {"app", "result": created|configured|unchanged, "revision"}."""
+              signature: str, actor: str, reason: str = "",
+              before_revision: Callable[[AppManifest], None] | None = None
+              ) -> dict[str, Any]:
+        """Validate and record. A new revision calls `before_revision` first (the hub
+        stores the bundle there, so no node is told of a bundle it cannot fetch).
+        Returns {"app", "result": created|configured|unchanged, "revision"}."""
         from fogline.manifest import parse_manifest
 
         parsed = parse_manifest(manifest, "manifest")
@@ -139,9 +143,11 @@ class HubDeployments:
                 return {"app": name, "result": "unchanged", "revision": latest["revision"]}
             self.store.apply(name, None, spec_json, None, now_s, existing["rollout_seq"])
             self.record_event(actor, "deployment.configured", name, reason,
-                        revision=latest["revision"])
+                              revision=latest["revision"])
             self.poke()
             return {"app": name, "result": "configured", "revision": latest["revision"]}
+        if before_revision is not None:
+            before_revision(parsed)
         number = latest["revision"] + 1 if latest else 1
         stable = stable_revision(rollout_from_json(existing["rollout"])) if existing else 0
         revision = {"app": name, "revision": number, "version": version, "digest": digest,
@@ -151,7 +157,7 @@ class HubDeployments:
         self.store.apply(name, revision, spec_json, rollout, now_s,
                          existing["rollout_seq"] if existing else None)
         self.record_event(actor, "deployment.applied", name, reason, revision=number,
-                    version=version, digest=digest, from_revision=stable)
+                          version=version, digest=digest, from_revision=stable)
         self.poke()
         return {"app": name, "result": "created" if existing is None else "configured",
                 "revision": number}

@@ -26,7 +26,6 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Gauge
 
-from fogline.bundle import check_digest, verify
 from fogline.clock import Clock, SystemClock
 from fogline.core.health import HealthPolicy, revoke
 from fogline.core.sync import CollectionDef, check_declaration
@@ -44,6 +43,7 @@ from fogline.hub.nats_authority import NatsAuthority
 from fogline.hub.pki import CertificateAuthority
 from fogline.hub.store import HubStore, health_of
 from fogline.hub.sync import HubSync, SyncMetrics, ensure_sync_streams
+from fogline.manifest import AppManifest
 from fogline.protocol import (
     HEARTBEAT_WILDCARD,
     HUB_QUEUE_GROUP,
@@ -235,30 +235,30 @@ class Hub:
 
     def apply_bundle(self, manifest: dict[str, Any], bundle: bytes, digest: str,
                      key_id: str, signature: str, actor: str, reason: str) -> dict[str, Any]:
-        """Check the bundle, put it in the Object Store, then record the revision."""
-        check_digest(bundle, digest)
-        name = str(manifest.get("metadata", {}).get("name", ""))
-        version = str(manifest.get("metadata", {}).get("version", ""))
-        verify(self.deployments.store.trusted_keys(), key_id, signature, name, version,
-               digest)
-        # The app's collections exist at the hub before any node runs it; one that
-        # conflicts with an existing collection refuses the whole apply.
-        declared = [CollectionDef(c["name"], c["type"], c["scope"])
-                    for c in manifest.get("spec", {}).get("collections", [])
-                    if isinstance(c, dict) and {"name", "type", "scope"} <= set(c)]
-        create, _, errors = check_declaration(declared, self.collections.definitions())
-        if errors:
-            raise ConfigError(f"{name}: " + "; ".join(errors))
-        assert self.publisher is not None
-        asyncio.run_coroutine_threadsafe(self.publisher.store_bundle(digest, bundle),
-                                         self._loop).result(timeout=60)
+        """Apply an App: the deployments check the bundle; a new revision's collections
+        are checked against the hub's and its bundle stored before it is recorded."""
+        create: list[CollectionDef] = []
+
+        def before_revision(parsed: AppManifest) -> None:
+            # The app's collections exist at the hub before any node runs it; one that
+            # conflicts with an existing collection refuses the whole apply.
+            declared = [CollectionDef(c.name, c.type, c.scope)
+                        for c in parsed.spec.collections]
+            planned, _, errors = check_declaration(declared, self.collections.definitions())
+            if errors:
+                raise ConfigError(f"{parsed.metadata.name}: " + "; ".join(errors))
+            assert self.publisher is not None
+            asyncio.run_coroutine_threadsafe(self.publisher.store_bundle(digest, bundle),
+                                             self._loop).result(timeout=60)
+            create.extend(planned)
+
         result = self.deployments.apply(manifest, bundle, digest, key_id, signature, actor,
-                                        reason)
+                                        reason, before_revision)
         for definition in create:
             if self.define_collection(definition) == "created":
                 self.deployments.record_event(actor, "collection.created", definition.name,
                                               "", type=definition.type,
-                                              scope=definition.scope, app=name)
+                                              scope=definition.scope, app=result["app"])
         return result
 
     def define_collection(self, definition: CollectionDef) -> str:
