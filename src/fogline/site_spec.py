@@ -9,6 +9,10 @@ spec:
   hosts: [catalog.example.com]           # Host headers served (without port)
   path_prefixes: [/catalog]              # and/or path prefixes on the node's front
   cache: {memory_mb: 64, disk_mb: 512, stale_if_error: 5m}
+  tls:                                   # the origin connection (https origins only)
+    verify: true                         # check the origin's certificate (default)
+    ca_file: /etc/fogline/origin-ca.pem  # trust this CA (a file on the nodes) instead
+    server_name: origin.internal         # SNI and the name its certificate must carry
   placement: {selector: {regions: [eu-west]}}   # default: every node
 ```
 
@@ -23,7 +27,14 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from fogline.core.approutes import parse_interval
 from fogline.deploy_spec import PlacementSpec
@@ -36,6 +47,7 @@ HOSTS_MAX = 100
 PREFIXES_MAX = 100
 MEMORY_MB_MAX = 64 * 1024
 DISK_MB_MAX = 1024 * 1024
+CA_FILE_CHARS_MAX = 4096
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # also the cache file's name
 _HOST = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 
@@ -60,11 +72,41 @@ class CacheSpec(_Model):
         return value
 
 
+class TlsSpec(_Model):
+    """How a node's cache connects to an https origin."""
+
+    verify: StrictBool = True  # false: any certificate (a test origin), never the default
+    ca_file: str | None = Field(default=None, min_length=1, max_length=CA_FILE_CHARS_MAX)
+    server_name: str | None = None  # SNI and the name checked; Host stays the origin's
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, path: str | None) -> str | None:
+        if path is not None and (not path.startswith("/") or "\0" in path):
+            raise ValueError(f"ca_file is an absolute path on the nodes, got {path!r}")
+        return path
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, name: str | None) -> str | None:
+        if name is not None and not _HOST.match(name):
+            raise ValueError(f"server_name {name!r} is not a lowercase host name "
+                             "without port")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsSpec:
+        if not self.verify and self.ca_file is not None:
+            raise ValueError("ca_file has no effect with verify: false; drop one of them")
+        return self
+
+
 class SiteSpec(_Model):
     origin: str = Field(max_length=2048)
     hosts: list[str] = Field(default=[], max_length=HOSTS_MAX)
     path_prefixes: list[str] = Field(default=[], max_length=PREFIXES_MAX)
     cache: CacheSpec = CacheSpec()
+    tls: TlsSpec | None = None
     placement: PlacementSpec = PlacementSpec()
 
     @field_validator("origin")
@@ -98,6 +140,8 @@ class SiteSpec(_Model):
     def _something_served(self) -> SiteSpec:
         if not self.hosts and not self.path_prefixes:
             raise ValueError("hosts or path_prefixes: a site serves at least one of them")
+        if self.tls is not None and not self.origin.startswith("https://"):
+            raise ValueError("tls settings apply to an https:// origin only")
         return self
 
 
@@ -129,9 +173,11 @@ def site_spec(spec: Mapping[str, Any], source: str) -> SiteSpec:
 
 def to_setting(name: str, spec: SiteSpec) -> SiteSetting:
     stale = spec.cache.stale_if_error
+    tls = spec.tls or TlsSpec()
     return SiteSetting(
         name=name, origin=spec.origin, hosts=tuple(spec.hosts),
         path_prefixes=tuple(spec.path_prefixes),
         memory_bytes=spec.cache.memory_mb * 1024 * 1024,
         disk_bytes=spec.cache.disk_mb * 1024 * 1024,
-        stale_if_error_s=parse_interval(stale) if stale is not None else 0.0)
+        stale_if_error_s=parse_interval(stale) if stale is not None else 0.0,
+        tls_verify=tls.verify, tls_ca_file=tls.ca_file, tls_server_name=tls.server_name)

@@ -357,3 +357,42 @@ async def test_collapsing_does_not_share_a_private_response(env: Env) -> None:
     responses = await asyncio.gather(*(env.client.get("/me") for _ in range(5)))
     assert len({r.text for r in responses}) == 5
     assert env.origin.count("/me") == 5
+
+
+async def test_a_hit_serves_what_is_stored_now_not_an_earlier_preparation(env: Env) -> None:
+    etag_route(env.origin, "/p")
+    assert (await env.client.get("/p")).headers["x-version"] == "1"
+    hit = await env.client.get("/p")
+    assert (hit.headers["x-cache"], hit.headers["x-version"]) == ("HIT", "1")
+    env.clock.advance(5)  # stale: the 304 replaces the stored fields
+    assert (await env.client.get("/p")).headers["x-cache"] == "REVALIDATED"
+    hit = await env.client.get("/p")
+    assert (hit.headers["x-cache"], hit.headers["x-version"]) == ("HIT", "2")
+    assert (hit.headers["cache-control"], hit.text) == ("max-age=60", "body 1")
+    env.origin.routes["/q"] = lambda request, n: Response(
+        f"{request.method} {n}", headers={"cache-control": "max-age=60"})
+    assert (await env.client.get("/q")).text == "GET 1"
+    await env.client.post("/q")  # invalidates; the next GET stores a new response
+    fetched = await env.client.get("/q")
+    hit = await env.client.get("/q")
+    assert (fetched.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    assert hit.text == fetched.text == "GET 3"
+    assert env.proxy.results() == {"hit": 3, "miss": 3, "stale": 0, "revalidated": 1,
+                                   "stale_if_error": 0, "pass": 1, "error": 0,
+                                   "only_if_cached_miss": 0}
+
+
+async def test_stale_responses_are_counted_by_reason(env: Env) -> None:
+    env.origin.static("/w", "w", cache_control="max-age=1, stale-while-revalidate=60")
+    env.origin.static("/m", "m", cache_control="max-age=1")
+    await env.client.get("/w")
+    await env.client.get("/m")
+    env.clock.advance(5)
+    assert (await env.client.get("/w")).headers["x-cache"] == "STALE"
+    stale = await env.client.get("/m", headers={"cache-control": "max-stale=60"})
+    assert stale.headers["x-cache"] == "STALE"
+    await eventually(lambda: env.proxy.stats()["in_flight"] == 0)
+    assert env.proxy.stale_served() == {"stale_while_revalidate": 1, "max_stale": 1,
+                                        "origin_unreachable": 0, "origin_timeout": 0,
+                                        "origin_error": 0}
+    assert env.proxy.results()["stale"] == 2

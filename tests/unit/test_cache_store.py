@@ -147,6 +147,23 @@ def test_variants_come_from_both_tiers(open_store) -> None:
     assert store.variants("other") == ["x"]
 
 
+def test_remembered_variants_follow_puts_and_purges(open_store) -> None:
+    store = open_store(memory_bytes_max=2 * ENTRY_BYTES)
+    assert store.variants("k") == []          # remembered: nothing stored
+    store.put(make("k", "gzip"))
+    assert store.variants("k") == ["gzip"]    # a put forgets the key's answer
+    assert store.variants("k") == ["gzip"]    # now remembered
+    store.put(make("k", ""))
+    store.put(make("x"))
+    store.put(make("y"))                      # k's variants leave memory: disk only
+    store.flush()
+    assert store.variants("k") == ["", "gzip"]
+    assert store.get("k", "gzip") == make("k", "gzip")
+    assert store.purge_prefix("k") == 2
+    assert store.variants("k") == []
+    assert store.get("k", "") is None
+
+
 def _tagged_store(open_store) -> CacheStore:
     """Entries in memory only, on disk only, and both; some still being written."""
     store = open_store(memory_bytes_max=4 * ENTRY_BYTES)

@@ -76,3 +76,43 @@ def test_hosts_are_host_names_without_port() -> None:
 def test_site_names_are_safe_file_names(name: Any) -> None:
     with pytest.raises(ConfigError, match=r"metadata\.name"):
         check_site_name(name)
+
+
+HTTPS = {**GOOD, "origin": "https://origin.internal:8443"}
+
+
+def test_tls_settings_reach_the_setting() -> None:
+    spec = site_spec({**HTTPS, "tls": {"ca_file": "/etc/fogline/origin-ca.pem",
+                                       "server_name": "origin.internal"}}, "s")
+    setting = to_setting("catalog", spec)
+    assert (setting.tls_verify, setting.tls_ca_file, setting.tls_server_name) == (
+        True, "/etc/fogline/origin-ca.pem", "origin.internal")
+    insecure = to_setting("catalog", site_spec({**HTTPS, "tls": {"verify": False}}, "s"))
+    assert (insecure.tls_verify, insecure.tls_ca_file) == (False, None)
+    default = to_setting("catalog", site_spec(HTTPS, "s"))
+    assert (default.tls_verify, default.tls_ca_file, default.tls_server_name) == (
+        True, None, None)
+
+
+@pytest.mark.parametrize(("tls", "field", "says"), [
+    ({"verify": "yes"}, "spec.tls.verify", "boolean"),
+    ({"verify": 1}, "spec.tls.verify", "boolean"),
+    ({"ca_file": "certs/ca.pem"}, "spec.tls.ca_file", "absolute path"),
+    ({"ca_file": ""}, "spec.tls.ca_file", "at least 1"),
+    ({"ca_file": "/" + "a" * 5000}, "spec.tls.ca_file", "at most"),
+    ({"server_name": "Origin.Internal"}, "spec.tls.server_name", "lowercase host"),
+    ({"server_name": "origin.internal:8443"}, "spec.tls.server_name", "without port"),
+    ({"verify": False, "ca_file": "/ca.pem"}, "spec.tls", "no effect with verify: false"),
+    ({"ciphers": "ALL"}, "spec.tls.ciphers", "Extra inputs"),
+    ("strict", "spec.tls", "valid dictionary"),
+])
+def test_bad_tls_settings_are_refused_naming_the_field(tls: Any, field: str,
+                                                       says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        site_spec({**HTTPS, "tls": tls}, "site.yaml")
+    assert field in str(caught.value) and says in str(caught.value)
+
+
+def test_tls_settings_need_an_https_origin() -> None:
+    message = rejected(tls={"verify": True})
+    assert "spec" in message and "https:// origin only" in message

@@ -8,10 +8,19 @@ translated here, at one boundary.
 
 Headers crossing the proxy lose their hop-by-hop fields both ways (RFC 9110 §7.6.1):
 the fixed list, and whatever the Connection field names.
+
+An https origin is reached as `OriginTls` says (a Site's `tls:`): its certificate is
+verified against the default trust store, or only against `ca_file` (a private CA), or
+not at all (`verify=False`); `server_name` replaces the URL's host as the SNI name and
+the name the certificate must carry, as nginx's `proxy_ssl_name` does (the Host field
+stays the URL's). TLS 1.2 is the floor here, not 1.3 as between fogline's own parts:
+origins are other people's servers. A handshake that fails is a `Failure` (502) whose
+reason says why (an untrusted or mismatched certificate, most often).
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 import httpx
@@ -19,6 +28,7 @@ import httpx
 from fogline.clock import Clock
 from fogline.core.cachecontrol import Headers, get_combined, make_headers, parse_list, without
 from fogline.core.cachepolicy import NOT_STORED
+from fogline.errors import ConfigError
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the fields the proxy sets itself.
 HOP_BY_HOP = NOT_STORED | {"host", "content-length"}
@@ -64,6 +74,42 @@ class Failure:
 Fetched = Reply | Streamed | Failure
 
 
+@dataclass(frozen=True, slots=True)
+class OriginTls:
+    """How to reach an https origin (see the module docstring)."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None
+
+
+def origin_tls_context(tls: OriginTls) -> ssl.SSLContext:
+    """The client context for `tls`; ConfigError when its CA file cannot be loaded."""
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"origin tls.ca_file {tls.ca_file!r} cannot be loaded: {exc}") \
+            from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _failure_reason(exc: httpx.HTTPError) -> str:
+    """Why the origin could not be reached; a TLS failure says so in plain words."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (f"origin TLS certificate rejected: {cause.verify_message} (the site's "
+                "tls.ca_file and tls.server_name say what to trust and expect)")
+    if isinstance(cause, ssl.SSLError):
+        return f"origin TLS handshake failed: {cause.reason or cause}"
+    return f"origin unreachable: {exc!r}"
+
+
 def end_to_end(headers: Headers) -> Headers:
     """`headers` without hop-by-hop fields and those Connection names."""
     return without(headers, HOP_BY_HOP | set(parse_list(get_combined(headers, "connection"))))
@@ -73,13 +119,20 @@ class OriginClient:
     """Requests to one origin over a keep-alive pool; redirects are never followed."""
 
     def __init__(self, origin_url: str, clock: Clock, *, timeout_s: float,
-                 max_object_bytes: int, client: httpx.AsyncClient | None = None) -> None:
+                 max_object_bytes: int, client: httpx.AsyncClient | None = None,
+                 tls: OriginTls | None = None) -> None:
+        if client is not None and tls is not None:
+            raise ConfigError("origin TLS settings need the client the proxy builds")
         self._base = origin_url.rstrip("/")
         self._clock = clock
         self._max_object_bytes = max_object_bytes
+        tls = tls or OriginTls()
+        # httpcore takes the SNI name (and so the name checked) per request.
+        self._extensions = {"sni_hostname": tls.server_name} if tls.server_name else {}
         self._owned = client is None
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s), follow_redirects=False,
+            verify=origin_tls_context(tls) if origin_url.startswith("https://") else True,
             limits=httpx.Limits(max_connections=POOL_CONNECTIONS_MAX,
                                 max_keepalive_connections=POOL_KEEPALIVE_MAX))
 
@@ -93,14 +146,14 @@ class OriginClient:
         # httpx.Request directly, not client.build_request: the client's default fields
         # (Accept-Encoding above all) must not change what the origin selects.
         request = httpx.Request(method, self._base + target, headers=list(headers),
-                                content=body or None)
+                                content=body or None, extensions=self._extensions)
         request_time_s = self._clock.now()
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             return Failure(504, f"origin timed out: {exc!r}")
         except httpx.HTTPError as exc:
-            return Failure(502, f"origin unreachable: {exc!r}")
+            return Failure(502, _failure_reason(exc))
         try:
             return await self._read(response, request_time_s)
         except httpx.TimeoutException as exc:

@@ -91,6 +91,7 @@ WRITE_BEHIND_BYTES_MAX = 64 * 1024**2
 WRITE_BEHIND_CALLS_MAX = 10_000  # well under the writer's queue bound
 WAIT_S_MAX = 30.0                # for a purge's or delete's commit
 READ_MMAP_BYTES_MAX = 1024**3
+KNOWN_VARIANTS_MAX = 65_536      # keys whose `variants` answer is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,10 @@ class CacheStore:
         self._memory: OrderedDict[Slot, Entry] = OrderedDict()
         self._memory_bytes = 0
         self._variants: dict[str, set[str]] = {}  # memory's index for purges and variants
+        # `variants` answers, so a hit does not read the disk for them. Only `put` adds a
+        # variant, and it forgets the key's answer; what else removes one (eviction,
+        # purges) leaves a remembered answer a superset at worst: `get` is None for it.
+        self._known_variants: dict[str, tuple[str, ...]] = {}
         # Entries whose disk write is queued; None marks a row made outdated by a put
         # that skipped its write: the disk must not be read for it until it is deleted.
         self._write_behind: dict[Slot, Entry | None] = {}
@@ -236,7 +241,18 @@ class CacheStore:
         return entry
 
     def variants(self, key: str) -> list[str]:
-        """Every variant stored under `key` in either tier, sorted."""
+        """Every variant stored under `key` in either tier, sorted. Remembered per key
+        (see `_known_variants`): it may name a variant evicted since, never miss one."""
+        known = self._known_variants.get(key)
+        if known is not None:
+            return list(known)
+        found = self._find_variants(key)
+        if len(self._known_variants) >= KNOWN_VARIANTS_MAX:
+            del self._known_variants[next(iter(self._known_variants))]
+        self._known_variants[key] = tuple(found)
+        return found
+
+    def _find_variants(self, key: str) -> list[str]:
         self._drain_written()
         found = set(self._variants.get(key, ()))
         if self._writer is not None and not self._closed:
@@ -272,6 +288,7 @@ class CacheStore:
         """Store `entry`, replacing any entry under the same (key, variant)."""
         size = self._check_entry(entry)
         self._drain_written()
+        self._known_variants.pop(entry.key, None)
         slot = (entry.key, entry.variant)
         self._used_seq += 1
         used_seq = self._used_seq
@@ -489,6 +506,8 @@ class CacheStore:
                     from exc
             except sqlite3.Error as exc:
                 raise RetryableError(f"cache purge failed on disk: {exc}") from exc
+        for key, _ in removed:
+            self._known_variants.pop(key, None)
         if seq is not None:
             self._purge_seq = seq
             self._purge_applied_at_s = self._clock.now()
