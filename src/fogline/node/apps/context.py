@@ -5,7 +5,8 @@ WAL lets readers run beside the node's writer) and decodes rows with the same fu
 the node uses. Writes go to the node over the worker's channel as `Rpc` frames and
 return once the node has made them durable, so one process owns every write and its
 group commit. `update(key, fn)` runs `fn` here and asks the node to compare-and-put;
-if another write came first, `fn` runs again on the newer value.
+if another write came first, `fn` runs again on the newer value. `ctx.cache` and
+`ctx.fetch` are RPCs to the node's app cache too (`cache_client`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fogline.errors import (
     ProtocolError,
     RetryableError,
 )
+from fogline.node.apps.cache_client import FetchResponse, WorkerCache, fetch
 from fogline.node.collections import (
     decode_value,
     decoded_value,
@@ -208,6 +210,7 @@ class WorkerContext:
         self._streams = streams
         self._publish = publish
         self._handles: dict[str, WorkerCollection] = {}
+        self._cache = WorkerCache(rpc)
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -223,6 +226,15 @@ class WorkerContext:
 
     def now(self) -> float:
         return self._clock.now()
+
+    @property
+    def cache(self) -> WorkerCache:
+        return self._cache
+
+    async def fetch(self, url: str, method: str = "GET",
+                    headers: Mapping[str, str] | list[tuple[str, str]] | None = None,
+                    body: bytes | str | None = None) -> FetchResponse:
+        return await fetch(self._rpc, url, method, headers, body)
 
     def collection(self, name: str) -> WorkerCollection:
         handle = self._handles.get(name)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -39,6 +39,9 @@ from fogline.node.apps.supervisor import (
 from fogline.node.collections import NodeCollections
 from fogline.node.outbox import Outbox
 from fogline.protocol import AppStatus
+
+if TYPE_CHECKING:
+    from fogline.node.app_cache import AppCache
 
 log = logging.getLogger("fogline.node.apps")
 
@@ -81,9 +84,13 @@ def read_definition(directory: Path | str) -> tuple[AppDefinition, list[Collecti
 
 class NodeApps:
     def __init__(self, directories: Iterable[Path | str], clock: Clock,
-                 policy: RestartPolicy | None = None) -> None:
+                 policy: RestartPolicy | None = None, *,
+                 app_cache: AppCache | None = None) -> None:
         self.clock = clock
         self.policy = policy
+        # `ctx.cache` / `ctx.fetch` of every app; None: they raise ConfigError. Apps
+        # built after it is set (or replaced) use the new one.
+        self.app_cache = app_cache
         self.loaded = [read_definition(d) for d in directories]
         names = [definition.name for definition, _, _ in self.loaded]
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -124,7 +131,7 @@ class NodeApps:
         assert self._collections is not None and self._outbox is not None
         collections, outbox = self._collections, self._outbox
         services = AppServices(definition.name, definition.collections, definition.streams,
-                               lambda: collections, lambda: outbox)
+                               lambda: collections, lambda: outbox, self.app_cache)
         return AppSupervisor(definition, services, self._context["node"],
                              collections.writer.path.resolve(), self._context["mqtt_url"],
                              self.clock, self.policy, revision=revision)
@@ -333,3 +340,11 @@ class AppsCollector(Collector):
         yield from families.values()
         yield restarts
         yield up
+        cache_calls = CounterMetricFamily(
+            "fogline_app_cache_calls", "ctx.cache and ctx.fetch calls (result: get hit|miss, "
+            "put ok, delete deleted|absent, fetch the X-Cache value)",
+            labels=["app", "call", "result"])
+        if apps is not None and apps.app_cache is not None:
+            for (app, call, result), n in sorted(apps.app_cache.counts.items()):
+                cache_calls.add_metric([app, call, result], n)
+        yield cache_calls
