@@ -132,11 +132,13 @@ class HeartbeatProcessor:
                                    msgspec.structs.replace(
                                        r, reason=r.reason[:APP_REASON_CHARS_MAX])
                                    for r in hb.refusals),
-                    desired_generation=hb.desired_generation,
+                    desired_generation=hb.desired_generation, purge_seq=hb.purge_seq,
                     load={"cpu_percent": hb.load.cpu_percent,
                           "memory_percent": hb.load.memory_percent,
                           "load1": hb.load.load1, "rss_bytes": hb.load.rss_bytes,
-                          "uptime_s": hb.uptime_s, "hub_rtt_ms": hb.hub_rtt_ms}))
+                          "uptime_s": hb.uptime_s, "hub_rtt_ms": hb.hub_rtt_ms,
+                          "http_inflight": hb.load.http_inflight,
+                          "http_rps": hb.load.http_rps}))
             self.store.apply_heartbeats(updates)
         self._record(transitions, app_changes)
         return transitions

@@ -58,6 +58,8 @@ nodes = sa.Table(
     # generation of desired state it last acted on.
     sa.Column("refusals", sa.JSON, nullable=False, server_default=sa.text("'[]'")),
     sa.Column("desired_generation", sa.BigInteger, nullable=False, server_default="0"),
+    # The last cache purge the node applied (fogline.core.purge).
+    sa.Column("purge_seq", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 tokens = sa.Table(
@@ -142,6 +144,31 @@ sites = sa.Table(
     sa.Column("updated_at_s", sa.Float, nullable=False),
 )
 
+# Cache purges, numbered by the database: one sequence for the fleet.
+purges = sa.Table(
+    "fl_purges", metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("kind", sa.String(8), nullable=False),
+    sa.Column("purge_values", sa.JSON, nullable=False),
+    sa.Column("region", sa.String(64), nullable=False, default=""),
+    sa.Column("site", sa.String(64), nullable=False, default=""),
+    sa.Column("issued_at_s", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    # The nodes it was meant for when issued (the region's nodes, or all), by id.
+    sa.Column("targets", sa.JSON, nullable=False),
+)
+
+# When each node applied each purge, as the node reported it.
+purge_acks = sa.Table(
+    "fl_purge_acks", metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("node_id", sa.String(64), primary_key=True),
+    sa.Column("applied_at_s", sa.Float, nullable=False),
+    sa.Column("removed", sa.Integer, nullable=False, default=0),
+)
+
 _HEALTH_COLUMNS = ("status", "status_since_s", "status_reason", "last_seen_s", "interval_s",
                    "failing_streak", "returns_s", "healthy_since_s")
 
@@ -184,6 +211,7 @@ class HeartbeatUpdate:
     apps: tuple[AppStatus, ...] = ()
     refusals: tuple[BundleRefusal, ...] = ()
     desired_generation: int = 0
+    purge_seq: int = 0
 
 
 def upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]],
@@ -399,6 +427,10 @@ class HubStore:
                      "apps": sa.bindparam("b_apps"),
                      "refusals": sa.bindparam("b_refusals"),
                      "desired_generation": sa.bindparam("b_desired_generation"),
+                     # never backwards: an ack may have told us more already
+                     "purge_seq": sa.case(
+                         (nodes.c.purge_seq > sa.bindparam("b_purge_seq"), nodes.c.purge_seq),
+                         else_=sa.bindparam("b_purge_seq")),
                      "failing_checks": sa.bindparam("b_failing_checks")}))
         params = [{
             "b_id": u.node_id, "b_seq": u.seq, "b_version": u.version,
@@ -406,7 +438,7 @@ class HubStore:
             "b_failing_checks": list(u.failing_checks), "b_sync_clean_ms": u.sync_clean_ms,
             "b_apps": msgspec.to_builtins(u.apps),
             "b_refusals": msgspec.to_builtins(u.refusals),
-            "b_desired_generation": u.desired_generation,
+            "b_desired_generation": u.desired_generation, "b_purge_seq": u.purge_seq,
             **{f"b_{k}": v for k, v in health_values(u.health).items()},
         } for u in updates]
         with self._tx() as conn:

@@ -32,6 +32,7 @@ from fogline.protocol import SiteSetting
 if TYPE_CHECKING:  # the cache (httpx among it) loads with the first site, not before
     from fogline.node.cache_proxy import CacheProxy
     from fogline.node.cache_store import CacheStore
+    from fogline.node.purges import NodePurges, PurgeTarget
 
 log = logging.getLogger("fogline.node.sites")
 
@@ -41,6 +42,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SITES_MAX = 64
+# How long a request waits for a node that just reconnected to catch up on purges
+# before it is passed to the origin instead of served from the cache.
+FENCE_WAIT_S = 1.0
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # as fogline.site_spec: a file name
 
 
@@ -55,6 +59,17 @@ class _Site:
             await self.proxy.aclose()  # its background work and httpx client
         finally:
             await asyncio.to_thread(self.store.close)  # finishes queued disk writes
+
+
+def origin_base(origin: str) -> str:
+    """scheme://host[:port] of an origin URL: the prefix of its site's cache keys."""
+    from fogline.core.cachecontrol import uri_key
+
+    scheme, _, rest = origin.partition("://")
+    key = uri_key(f"{scheme}://{rest.split('/', 1)[0]}/")
+    if key is None:
+        raise ConfigError(f"origin URL must be http(s)://..., got {origin!r}")
+    return key.removesuffix("/")
 
 
 def match(sites: dict[str, _Site], host: str, path: str) -> _Site | None:
@@ -79,10 +94,22 @@ class SiteFront:
         self._sites: dict[str, _Site] = {}
         self._lock = asyncio.Lock()
         self._reconciles: set[asyncio.Task[None]] = set()
+        self.purges: NodePurges | None = None  # set by the agent
 
     @property
     def sites(self) -> dict[str, SiteSetting]:
         return {name: site.setting for name, site in self._sites.items()}
+
+    def caches(self) -> dict[str, tuple[CacheProxy, CacheStore]]:
+        """Each served site's proxy and store (for `cache_metrics.CacheCollector`)."""
+        return {name: (site.proxy, site.store) for name, site in self._sites.items()}
+
+    def purge_targets(self) -> list[PurgeTarget]:
+        from fogline.node.purges import PurgeTarget
+
+        return [PurgeTarget(site.store, name, site.proxy.key_base or "",
+                            ((site.proxy.key_base or "") + "/",))
+                for name, site in self._sites.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._sites:
@@ -90,6 +117,9 @@ class SiteFront:
             host = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
             site = match(self._sites, host.lower(), scope["path"])
             if site is not None:
+                if self.purges is not None and self.purges.fenced \
+                        and not await self.purges.wait_caught_up(FENCE_WAIT_S):
+                    scope = {**scope, "fogline.cache_bypass": True}
                 await site.proxy(scope, receive, send)
                 return
         await self.fallback(scope, receive, send)
@@ -124,13 +154,22 @@ class SiteFront:
             raise ConfigError(f"invalid site name {setting.name!r}")
         from fogline.core.cachepolicy import CacheConfig
         from fogline.node.cache_proxy import CacheProxy
+        from fogline.node.cache_proxy_origin import OriginTls
         from fogline.node.cache_store import CacheStore
 
         store = CacheStore(self.cache_dir / f"{setting.name}.db", setting.memory_bytes,
                            setting.disk_bytes, self.clock)
         try:
             proxy = CacheProxy(setting.origin, store, self.clock,
-                               CacheConfig(stale_if_error_s=setting.stale_if_error_s))
+                               CacheConfig(stale_if_error_s=setting.stale_if_error_s),
+                               key_base=origin_base(setting.origin),
+                               origin_tls=OriginTls(setting.tls_verify, setting.tls_ca_file,
+                                                    setting.tls_server_name))
+            if self.purges is not None:  # purges it missed while it was not served
+                from fogline.node.purges import PurgeTarget
+
+                self.purges.opened(PurgeTarget(store, setting.name, proxy.key_base,
+                                               (f"{proxy.key_base}/",)))
         except FoglineError:
             store.close()
             raise

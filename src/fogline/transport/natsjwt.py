@@ -139,7 +139,9 @@ def node_permissions_template() -> dict[str, object]:
         "pub": {"allow": ["fl.node.{{name()}}.>",
                           "$JS.API.CONSUMER.MSG.NEXT.FL_FANOUT.{{name()}}",
                           "$JS.ACK.FL_FANOUT.{{name()}}.>"]},
-        "sub": {"allow": ["fl.cmd.{{name()}}", "fl.cmd.{{name()}}.>", "_INBOX.{{name()}}.>"]},
+        # Commands for it alone, and the fleet's cache purges (one broadcast subject).
+        "sub": {"allow": ["fl.cmd.{{name()}}", "fl.cmd.{{name()}}.>", "fl.purge",
+                          "_INBOX.{{name()}}.>"]},
         "resp": {"max": 1, "ttl": 0},
         "subs": UNLIMITED, "data": UNLIMITED, "payload": UNLIMITED,
     }
