@@ -5,7 +5,8 @@ and decides what runs, and nothing that runs it: its own enrollment identity and
 connection (node credentials, so the hub's permissions apply), heartbeats shaped like the
 agent's (apps, desired generation, refusals; every interval and at once on a change),
 and the real `NodeDeployments` loop with the real `get_desired`/`fetch_bundle` over NATS,
-signature and digest checks and unpacking. Only `NodeApps` is replaced: `HollowApps`
+signature and digest checks and unpacking, and the real `NodePurges` over a small memory
+cache (`fogline.sim.hollow_purges`). Only `NodeApps` is replaced: `HollowApps`
 "starts" an app at once (or after a delay) and reports it running with a synthetic
 traffic window drawn from a behaviour function, so a version can be made to fail gates.
 Stream settings in the desired state are held but not applied: there is no outbox.
@@ -62,6 +63,7 @@ from fogline.protocol import (
     heartbeat_subject,
     inbox_prefix,
 )
+from fogline.sim.hollow_purges import HollowPurges
 
 log = logging.getLogger("fogline.sim.hollow")
 
@@ -194,6 +196,7 @@ class Enrolled:
     files: NodeFiles
     nats_urls: list[str]
     heartbeat_interval_s: float
+    region: str = ""
 
 
 class HollowNode:
@@ -212,6 +215,7 @@ class HollowNode:
         self.deployments = NodeDeployments(self.files.dir, self.node_id,
                                            cast(Any, self.apps), clock, self._fetch,
                                            on_change=self.changed)
+        self.purges = HollowPurges(self.node_id, enrolled.region, self.files.dir, clock)
         self.nc: NatsClient | None = None
         self.online = True
         self._online = asyncio.Event()
@@ -315,6 +319,8 @@ class HollowNode:
         self.nc = nc
         await nc.subscribe(desired_notify_subject(self.node_id), cb=self._on_desired)
         ask = asyncio.create_task(self._ask_desired(nc))
+        # As the agent's link session: purges over this connection, fenced until caught up.
+        purges = asyncio.create_task(self.purges.purges.run(nc))
         try:
             while self.online and not nc.is_closed:
                 if nc.is_connected:
@@ -324,7 +330,8 @@ class HollowNode:
                     await asyncio.wait_for(self._wake.wait(), self.interval_s)
         finally:
             ask.cancel()
-            await asyncio.gather(ask, return_exceptions=True)
+            purges.cancel()
+            await asyncio.gather(ask, purges, return_exceptions=True)
 
     async def _ask_desired(self, nc: NatsClient) -> None:
         """On every connect, as the agent does: a push may have been missed meanwhile."""
@@ -377,7 +384,7 @@ class HollowNode:
             load=Load(cpu_percent=5.0, memory_percent=20.0, load1=0.1, rss_bytes=40 * MB),
             uptime_s=now_s - self._started_s, apps=self.apps.statuses(),
             desired_generation=self.deployments.generation,
-            refusals=self.deployments.refusals())
+            refusals=self.deployments.refusals(), purge_seq=self.purges.applied_seq)
 
     async def _beat(self, nc: NatsClient) -> None:
         hb = self.heartbeat()
@@ -404,14 +411,15 @@ def create_token(hub_url: str, admin_token: str, uses: int, ttl_s: float = 3600)
 
 
 def enroll_many(hub_url: str, token: str, count: int, root: Path, name_prefix: str = "hollow",
-                workers: int = 8, labels: dict[str, str] | None = None) -> list[Enrolled]:
+                workers: int = 8, labels: dict[str, str] | None = None,
+                region: str = "") -> list[Enrolled]:
     """Enroll `count` nodes through the public API (keys made locally, as a node does),
     in parallel like a fleet booting; each gets `root/<name>/` as its data dir."""
 
     def one(index: int) -> Enrolled:
         name = f"{name_prefix}-{index:05d}"
         files = NodeFiles(root / name)
-        options = EnrollOptions(hub_url=hub_url, token=token, name=name,
+        options = EnrollOptions(hub_url=hub_url, token=token, name=name, region=region,
                                 labels=dict(labels or {}))
         for attempt in range(ENROLL_ATTEMPTS):
             try:
@@ -422,7 +430,7 @@ def enroll_many(hub_url: str, token: str, count: int, root: Path, name_prefix: s
                 time.sleep(0.5 * (attempt + 1))
                 continue
             return Enrolled(identity.node_id, files, list(identity.nats_urls),
-                            identity.heartbeat_interval_s)
+                            identity.heartbeat_interval_s, identity.region)
         raise AssertionError("unreachable")
 
     with ThreadPoolExecutor(workers) as pool:
