@@ -68,6 +68,22 @@ def artifact_subject(node_id: str) -> str:
 
 DESIRED_GET_WILDCARD = "fl.node.*.desired"
 ARTIFACT_WILDCARD = "fl.node.*.artifact"
+
+# Purges go to every node at once on one subject; a node that saw a gap in their
+# sequence (or reconnected) asks for what it missed, and acknowledges what it applied.
+PURGE_SUBJECT = "fl.purge"
+PURGES_GET_WILDCARD = "fl.node.*.purges"
+PURGED_WILDCARD = "fl.node.*.purged"
+
+
+def purges_get_subject(node_id: str) -> str:
+    """Where a node asks for the purges after the last one it applied."""
+    return f"fl.node.{node_id}.purges"
+
+
+def purged_subject(node_id: str) -> str:
+    """Where a node says which purge it has applied, and when."""
+    return f"fl.node.{node_id}.purged"
 # JetStream buckets of the hub: desired state per node (KV) and bundles (Object Store).
 DESIRED_BUCKET = "fl-desired"
 ARTIFACT_BUCKET = "fl-artifacts"
@@ -102,6 +118,11 @@ class Load(msgspec.Struct, frozen=True):
     memory_percent: float = 0.0
     load1: float = 0.0
     rss_bytes: int = 0
+    # The node's HTTP front (user traffic, not /healthz or /metrics): requests being
+    # served when the heartbeat left, and requests per second since the previous one.
+    # Clients and the hub's routing table weigh nodes by them.
+    http_inflight: int = 0
+    http_rps: float = 0.0
 
 
 class AppWindow(msgspec.Struct, frozen=True):
@@ -171,6 +192,8 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="hb"):
     desired_generation: int = 0
     refusals: Annotated[tuple[BundleRefusal, ...],
                         msgspec.Meta(max_length=APPS_PER_NODE_MAX)] = ()
+    # The sequence number of the last cache purge the node applied.
+    purge_seq: int = 0
     v: int = PROTOCOL_VERSION
 
 
@@ -221,6 +244,11 @@ class SiteSetting(msgspec.Struct, frozen=True):
     memory_bytes: int = 64 * 1024 * 1024
     disk_bytes: int = 512 * 1024 * 1024
     stale_if_error_s: float = 0.0
+    # The origin connection (https origins): verify its certificate, against this CA
+    # file on the node (else the default trust store), with this SNI and checked name.
+    tls_verify: bool = True
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
 
 
 class DesiredState(msgspec.Struct, frozen=True, tag="desired"):
@@ -263,8 +291,49 @@ class DesiredRequest(msgspec.Struct, frozen=True, tag="desired-get"):
     v: int = PROTOCOL_VERSION
 
 
+PURGE_VALUES_MAX = 64
+PURGES_PER_REPLY_MAX = 1000
+
+
+class Purge(msgspec.Struct, frozen=True, tag="purge"):
+    """Remove cached objects on the nodes: `kind` is tag, url or prefix, `values` what
+    to match. An empty `region` (or `site`) means every region (every site)."""
+
+    seq: int
+    kind: str
+    values: Annotated[tuple[str, ...], msgspec.Meta(max_length=PURGE_VALUES_MAX)]
+    issued_at_s: float
+    region: str = ""
+    site: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+class PurgesRequest(msgspec.Struct, frozen=True, tag="purges-get"):
+    after: int
+    v: int = PROTOCOL_VERSION
+
+
+class PurgeLog(msgspec.Struct, frozen=True, tag="purges"):
+    """The hub's answer: purges after the asked sequence, oldest first. `reset` says the
+    node is too far behind (or never counted): it must empty its caches instead, then
+    continue from `last_seq`. `more`: ask again after the last one given."""
+
+    purges: Annotated[tuple[Purge, ...], msgspec.Meta(max_length=PURGES_PER_REPLY_MAX)]
+    last_seq: int
+    reset: bool = False
+    more: bool = False
+    v: int = PROTOCOL_VERSION
+
+
+class PurgeAck(msgspec.Struct, frozen=True, tag="purged"):
+    seq: int
+    applied_at_s: float
+    removed: int = 0
+    v: int = PROTOCOL_VERSION
+
+
 Message = (Heartbeat | Command | DesiredState | ArtifactRequest | ArtifactChunk
-           | DesiredRequest)
+           | DesiredRequest | Purge | PurgesRequest | PurgeLog | PurgeAck)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -10,17 +10,20 @@ import importlib
 from typing import Any
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "cache-hit": ("fogline.bench.cache_hit", "10 KB cached object, hit path, vs Varnish"),
     "cold-start": ("fogline.bench.cold_start", "app worker start to first response"),
     "desired-propagation": ("fogline.bench.desired_propagation",
                             "new desired revision to every connected hollow node"),
     "drain": ("fogline.bench.drain", "backlog drain to the hub after a partition"),
     "edge-vs-cloud": ("fogline.bench.edge_vs_cloud", "demo app p99: regional node vs cloud node"),
+    "failover": ("fogline.bench.failover", "node death to the first success elsewhere"),
     "front-choice": ("fogline.bench.front_choice", "app front to worker: msgpack vs HTTP vs fd"),
     "merge": ("fogline.bench.merge", "hub CRDT merge rate vs pycrdt"),
     "mqtt-choice": ("fogline.bench.mqtt_choice",
                     "embedded MQTT broker and client candidates vs Mosquitto"),
     "outbox-enqueue": ("fogline.bench.outbox_enqueue", "durable emit rate vs raw SQLite"),
     "propagation": ("fogline.bench.propagation", "edge -> hub -> edge under emulated RTT"),
+    "purge": ("fogline.bench.purge", "fleet cache purge to 1,000 hollow nodes over a WAN"),
     "rollout": ("fogline.bench.rollout", "canary rollout and automatic rollback, hollow nodes"),
     "heartbeats": ("fogline.bench.heartbeats", "hub heartbeat processing, simulated nodes"),
     "http-route": ("fogline.bench.http_route", "trivial JSON app route on one core vs workerd"),

@@ -29,6 +29,8 @@ from fogline.hub.collections import CollectionStore
 from fogline.hub.deploy_api import add_deploy_routes
 from fogline.hub.enrollment import Credentials, Enrollment
 from fogline.hub.ingest import list_streams, read_records
+from fogline.hub.purge_api import add_purge_routes
+from fogline.hub.routes_api import add_route_routes
 from fogline.hub.store import HubStore
 from fogline.protocol import APP_STATES, TIERS
 
@@ -281,6 +283,8 @@ def create_api(store: HubStore, enrollment: Enrollment, hub: HubOperations,
                             min(max(limit, 1), 10_000))
 
     add_deploy_routes(app, hub, Admin)  # type: ignore[arg-type]
+    add_route_routes(app, store, hub, enrollment.clock, Admin)  # type: ignore[arg-type]
+    add_purge_routes(app, hub, Admin)  # type: ignore[arg-type]
 
     @app.get("/v1/events")
     def list_events(_: Admin, limit: int = 200) -> list[dict[str, Any]]:

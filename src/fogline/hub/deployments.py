@@ -99,6 +99,9 @@ def lay_out(row: Mapping[str, Any], fleet: list[tuple[NodeFacts, tuple[AppStatus
     return Placed(app, spec, eligible, pins, unsatisfied, views)
 
 
+IDLE_TICK_S = 5.0
+
+
 class HubDeployments:
     def __init__(self, store: HubStore, clock: Clock, publisher: DesiredPublisher | None,
                  tick_s: float = 0.5) -> None:
@@ -107,6 +110,9 @@ class HubDeployments:
         self.clock = clock
         self.publisher = publisher
         self.tick_s = tick_s
+        # With no rollout progressing nothing changes on its own: API changes and node
+        # status changes wake the controller, and this slower pass is a backstop.
+        self.idle_tick_s = max(tick_s, IDLE_TICK_S)
         self.wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # A rollout is progressing: fresh heartbeats are worth a controller pass at once.
@@ -283,7 +289,8 @@ class HubDeployments:
             self.wake.clear()
             await self.tick()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.tick_s)
+                await asyncio.wait_for(self.wake.wait(),
+                                       self.tick_s if self.active else self.idle_tick_s)
 
     def poke(self) -> None:
         """Run the controller now (callable from any thread: API handlers run in a

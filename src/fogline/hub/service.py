@@ -41,6 +41,8 @@ from fogline.hub.ingest import IngestWorker
 from fogline.hub.ingest import ensure_streams as ensure_up_streams
 from fogline.hub.nats_authority import NatsAuthority
 from fogline.hub.pki import CertificateAuthority
+from fogline.hub.purge_store import PurgeStore
+from fogline.hub.purges import HubPurges, PurgeMetrics
 from fogline.hub.store import HubStore, health_of
 from fogline.hub.sync import HubSync, SyncMetrics, ensure_sync_streams
 from fogline.manifest import AppManifest
@@ -283,11 +285,14 @@ class Hub:
         next_sweep = 0.0
         while True:
             flushed = processor.pending
-            await asyncio.to_thread(processor.flush)
-            if flushed and self.deployments.active:
-                self.deployments.poke()  # a step may have converged or breached just now
+            changed = await asyncio.to_thread(processor.flush)
+            if (flushed and self.deployments.active) or changed:
+                # A step may have converged or breached just now; a node that came or
+                # went changes where apps and sites are placed.
+                self.deployments.poke()
             if self.clock.monotonic() >= next_sweep:
-                await asyncio.to_thread(processor.sweep)
+                if await asyncio.to_thread(processor.sweep):
+                    self.deployments.poke()
                 counts = await asyncio.to_thread(self.store.count_by_status)
                 for status in STATUSES:
                     nodes_gauge.labels(status=status).set(counts.get(status, 0))
@@ -330,6 +335,8 @@ class Hub:
         await self.publisher.open()
         self.deployments = HubDeployments(self.store, self.clock, self.publisher,
                                           self.config.rollout_tick_s)
+        self.purges = HubPurges(PurgeStore(self.store.engine), self._nc, self.clock,
+                                PurgeMetrics(self.registry))
         processor = HeartbeatProcessor(self.store, self.clock,  # type: ignore[arg-type]
                                        HeartbeatMetrics(self.registry), self.config.policy)
 
@@ -355,6 +362,7 @@ class Hub:
                 group.create_task(supervise("stream ingest", ingest.run))
                 group.create_task(supervise("rollouts", self.deployments.run))
                 group.create_task(supervise("snapshots", self.sync.run_snapshots))
+                group.create_task(supervise("cache purges", self.purges.run))
                 group.create_task(supervise("collection declarations",
                                             self.sync.run_declarations))
                 group.create_task(supervise(

@@ -35,17 +35,21 @@ from fogline.core.outbox import StreamPolicy
 from fogline.core.sync import refused_collections
 from fogline.errors import AuthError, ConfigError, FoglineError, ProtocolError, RetryableError
 from fogline.node import identity as ident
+from fogline.node.app_cache import AppCache
 from fogline.node.apps.front import AppFront
 from fogline.node.apps.manager import AppsCollector, NodeApps
 from fogline.node.artifacts import fetch_bundle, get_desired
+from fogline.node.cache_metrics import CacheCollector
 from fogline.node.capabilities import current_load
 from fogline.node.collections import NodeCollections
 from fogline.node.declare import declare_collections
 from fogline.node.deployments import NodeDeployments
 from fogline.node.enroll_once import enroll_if_needed
 from fogline.node.http import NodeState, create_node_app, load_local_token
+from fogline.node.http_meter import HttpMeter
 from fogline.node.outbox import Outbox
 from fogline.node.outbox_sender import OutboxSender
+from fogline.node.purges import NodePurges, PurgeTarget
 from fogline.node.sites import SiteFront
 from fogline.node.sqlite_writer import FsyncPolicy
 from fogline.node.sync import NodeSync
@@ -63,6 +67,8 @@ from fogline.protocol import (
 )
 from fogline.transport.http_server import serve_http
 
+# Every key of the apps' cache starts with one of these (ctx.cache, ctx.fetch).
+APP_CACHE_PREFIXES = ("app://", "http://", "https://")
 log = logging.getLogger("fogline.node")
 
 # Renew once two thirds of a credential's lifetime have passed.
@@ -120,8 +126,11 @@ class NodeAgent:
         self._refresh_desired = asyncio.Event()
         # Read manifests now: a bad app stops the node before it enrolls or listens.
         # Always there, with no local app too: deployed apps may arrive at any time.
-        self.apps = NodeApps(config.apps, self.clock)
+        # ctx.cache / ctx.fetch of every app: one store, opened on first use.
+        self.app_cache = AppCache(config.data_dir / "cache" / "_apps.db", self.clock)
+        self.apps = NodeApps(config.apps, self.clock, app_cache=self.app_cache)
         self.deployments: NodeDeployments | None = None
+        self.purges: NodePurges | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._mqtt_lock = asyncio.Lock()
 
@@ -158,6 +167,8 @@ class NodeAgent:
 
         async def on_reconnect() -> None:
             self.state.hub_connected = True
+            if self.purges is not None:  # before anything else: we may have missed some
+                self.purges.fence()
             self._wake_heartbeat.set()
             self._refresh_desired.set()
 
@@ -211,12 +222,14 @@ class NodeAgent:
         return Heartbeat(
             node_id=identity.node_id, seq=self._seq, sent_at_s=self.clock.now(),
             interval_s=self._interval_s(identity), version=__version__,
-            load=current_load(self._process), failing_checks=self.failing_checks(),
+            load=self.http_meter.load(current_load(self._process), self.clock.monotonic()),
+            failing_checks=self.failing_checks(),
             uptime_s=self.clock.now() - self.state.started_at_s, endpoint=self.state.endpoint,
             hub_rtt_ms=self.state.hub_rtt_ms, sync_clean_hlc_ms=self._clean_mark_ms,
             apps=tuple(status.clipped() for status in self.apps.statuses()),
             desired_generation=deployments.generation if deployments is not None else 0,
-            refusals=deployments.refusals() if deployments is not None else ())
+            refusals=deployments.refusals() if deployments is not None else (),
+            purge_seq=self.purges.applied_seq if self.purges is not None else 0)
 
     async def _link_session(self, identity: ident.Identity) -> ident.Identity:
         """One NATS connection: heartbeat until it closes or credentials were renewed.
@@ -235,6 +248,8 @@ class NodeAgent:
         self._sender.js = nc.jetstream(timeout=5)
         sender = asyncio.create_task(self._sender.run())
         desired = asyncio.create_task(self._desired_sync(nc, identity))
+        assert self.purges is not None
+        purges = asyncio.create_task(self.purges.run(nc))
         try:
             await nc.subscribe(command_subject(identity.node_id), cb=self._on_command)
             interval_s = self._interval_s(identity)
@@ -254,7 +269,7 @@ class NodeAgent:
             return identity
         finally:
             self.state.hub_connected = False
-            for task in (sync, sender, desired):
+            for task in (sync, sender, desired, purges):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -280,6 +295,15 @@ class NodeAgent:
                 await self.apps.refuse(refused)
             break
         await NodeSync(self.collections, nc, identity.node_id, self.clock).run()
+
+    def _purge_targets(self) -> list[PurgeTarget]:
+        """Every cache a fleet purge reaches: each site's, and the apps' once open
+        (`ctx.cache` entries by tag; URL and prefix purges name sites' paths)."""
+        targets = self.sites.purge_targets()
+        store = self.app_cache.opened
+        if store is not None:
+            targets.append(PurgeTarget(store, "", None, APP_CACHE_PREFIXES))
+        return targets
 
     # Deployments --------------------------------------------------------------------
 
@@ -422,11 +446,15 @@ class NodeAgent:
         # Sites (kind: Site) first: their hosts and prefixes are the operator's choice.
         self.sites = SiteFront(AppFront(node_app, lambda: apps.supervisors),
                                self.config.data_dir / "cache", self.clock)
-        app: Any = self.sites
+        self.state.registry.register(CacheCollector(self.sites.caches))
+        self.http_meter = HttpMeter(self.sites)  # counts for the routing table
+        self.http_meter.register(self.state.registry)
+        app: Any = self.http_meter
         apps.on_change = lambda _: self._wake_heartbeat.set()
         async with contextlib.AsyncExitStack() as stack:
             self._stack = stack
             stack.push_async_callback(self.sites.aclose)  # after the server stops
+            stack.push_async_callback(self.app_cache.aclose)  # after the apps stop
             bound = await stack.enter_async_context(serve_http(app, host, int(port)))
             self.state.endpoint = f"http://{host}:{bound}"
             identity = await self._identity()
@@ -445,6 +473,12 @@ class NodeAgent:
             self.state.node_id = identity.node_id
             self.state.name = identity.name
             self.state.region = identity.region
+            self.purges = NodePurges(identity.node_id, identity.region,
+                                     self.config.data_dir / "cache" / "purges.json",
+                                     self.clock, self._purge_targets)
+            self.sites.purges = self.purges
+            self.app_cache.on_open = lambda store: self.purges.opened(  # type: ignore[union-attr]
+                PurgeTarget(store, "", None, APP_CACHE_PREFIXES))
             # It reads the desired state stored before a restart: local first.
             self.deployments = NodeDeployments(
                 self.config.data_dir, identity.node_id, self.apps, self.clock,
