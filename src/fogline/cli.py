@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fogline import __version__, cli_deploy
+from fogline import __version__, cli_cache, cli_deploy, cli_routes
 from fogline.cliutil import (
     HubClient,
     parse_duration_s,
@@ -48,6 +48,10 @@ app.command("delete")(cli_deploy.delete)
 get_app.command("deployments")(cli_deploy.get_deployments)
 get_app.command("rollouts")(cli_deploy.get_rollouts)
 get_app.command("sites")(cli_deploy.get_sites)
+get_app.command("routes")(cli_routes.get_routes)
+app.command("gateway")(cli_routes.gateway)
+app.add_typer(cli_cache.cache_app, name="cache")
+get_app.command("purges")(cli_cache.get_purges)
 
 console = Console()
 
@@ -415,6 +419,10 @@ def demo(
         "--rollouts/--no-rollouts",
         help="Roll out v2 at t=40s and v3 (fails 20% of requests, rolled back) at t=70s; "
              "v1 is deployed through the hub either way")] = True,
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache",
+        help="A catalog origin cached on every node, shoppers routed by the client SDK, "
+             "a fleet purge at t=50s and a node killed at t=60s")] = True,
     headless: Annotated[bool, typer.Option(help="No live view")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary")] = (
         None),
@@ -432,7 +440,7 @@ def demo(
         regions = tuple(DEFAULT_RTT_MS)
         config = DemoConfig(data_dir=data, nodes=nodes, regions=regions,
                             rtt_ms=parse_rtt(rtt_ms, list(regions)), duration_s=duration,
-                            chaos=chaos, app_dir=app_dir, rollouts=rollouts)
+                            chaos=chaos, app_dir=app_dir, rollouts=rollouts, cache=cache)
     except FoglineError as exc:
         raise _fail(exc) from exc
     summary: dict[str, Any] = {}
@@ -471,6 +479,31 @@ def demo(
         errors = entry.get("user_requests", {}).get("failed", "?")
         typer.echo(f"{key} {entry['version']}: canary {entry.get('canary')}, {ended}; "
                    f"failed user requests meanwhile: {errors}")
+    _echo_cache(summary.get("cache"))
+
+
+def _echo_cache(cache: dict[str, Any] | None) -> None:
+    if not cache:
+        return
+    typer.echo(f"catalog: hit ratio {cache['hit_ratio']}, {cache['origin_requests']} origin "
+               "requests")
+    for region, row in cache["regions"].items():
+        typer.echo(f"  {region}: hit p50 {row['hit_p50_ms']} ms vs origin p50 "
+                   f"{row['origin_p50_ms']} ms, {row['failed']} failed of "
+                   f"{(row['ok'] or 0) + (row['failed'] or 0)}")
+    purge = cache.get("purge") or {}
+    if purge:
+        latency = purge.get("latency_ms") or {}
+        typer.echo(f"purge {purge['tag']}: applied on {purge.get('applied')} of "
+                   f"{purge['targets']} nodes, p50 {latency.get('p50')} ms, max "
+                   f"{latency.get('max')} ms; old prices served after it: "
+                   f"{len(purge.get('stale_after_purge', []))}")
+    kill = cache.get("kill") or {}
+    if kill:
+        elsewhere = kill.get("served_elsewhere") or {}
+        typer.echo(f"{kill['node']} killed: its shoppers served by {elsewhere.get('node')} "
+                   f"{elsewhere.get('after_s')}s later, {kill['failed_requests']} failed "
+                   f"requests; back on it {kill.get('back_on_it_after_s')}s after the kill")
 
 
 @app.command("bench")

@@ -74,13 +74,14 @@ def test_headless_demo_shows_partition_rollouts_and_rollback(tmp_path: Path) -> 
     assert cut_off["backlog_max"] > 20 > other["backlog_max"]  # grew only while cut off
     assert all(n["backlog"] == 0 and n["at_hub"] == n["emitted_acked"]
                for n in data_story["nodes"].values())
-    check_app_story(summary["apps"], nodes, summary["rollouts"])
+    check_app_story(summary["apps"], nodes, summary["rollouts"], summary["cache"]["kill"])
+    check_cache_story(summary["cache"], summary["timeline"])
     check_rollouts(summary["rollouts"], summary["timeline"], summary["apps"], set(every_node))
     assert processes_using(data) == []
 
 
 def check_app_story(apps: dict[str, Any], nodes: dict[str, dict[str, Any]],
-                    rollouts: dict[str, Any]) -> None:
+                    rollouts: dict[str, Any], kill: dict[str, Any]) -> None:
     """The factory app on every node: edge vs cloud latency, devices, the partition."""
     regions = {r["region"]: r for r in apps["regions"]}
     assert set(regions) == {"us-east", "eu-west", "ap-south"}
@@ -88,9 +89,15 @@ def check_app_story(apps: dict[str, Any], nodes: dict[str, dict[str, Any]],
     for region in regions.values():
         edge, cloud = region["edge"], region["cloud"]
         assert edge["warmed_up"] and cloud["warmed_up"], region
-        # Never failed, even cut off, but for v3's canary (its injected 500s).
+        # Never failed, even cut off, but for v3's canary (its injected 500s) and while
+        # the cache story's killed node was down (these users call it directly).
         assert edge["ok"] > 100, region
-        assert edge["failed"] == failed_under_v3[f"{region['region']}/edge"]["failed"], region
+        v3_failed = failed_under_v3[f"{region['region']}/edge"]["failed"]
+        if region["region"] == kill["region"]:
+            down = kill["factory_edge_users"]["failed"]
+            assert down > 0 and v3_failed <= edge["failed"] <= v3_failed + down, region
+        else:
+            assert edge["failed"] == v3_failed, region
         assert cloud["ok"] > 100, region
         assert edge["p99_ms"] < cloud["p50_ms"], region
         # Physics: every cloud request crosses the region's WAN link both ways.
@@ -121,6 +128,30 @@ def check_app_story(apps: dict[str, Any], nodes: dict[str, dict[str, Any]],
     assert cut["edge_requests"]["failed"] == 0 and cut["edge_requests"]["ok"] > 100, cut
     assert cut["cloud_requests"]["ok"] == 0 and cut["cloud_requests"]["failed"] > 100, cut
     assert cut["messages_during_cut"] > 100 and cut["device_batches_acked_during_cut"] > 100
+
+
+def check_cache_story(cache: dict[str, Any], timeline: list[dict[str, Any]]) -> None:
+    """The catalog cached at every regional node, shoppers routed by fogline.client: hits
+    near, misses as far as the origin; a purge applied everywhere in well under a second
+    with no old price served after it; a killed node's shoppers served elsewhere within
+    a heartbeat interval, none failing, and back on it once it restarted."""
+    assert cache["hit_ratio"] > 0.5, cache
+    for region, row in cache["regions"].items():
+        assert row["ok"] > 500 and row["failed"] == 0, (region, row)
+        assert row["x_cache"].get("HIT", 0) > row["x_cache"].get("MISS", 0), (region, row)
+        assert row["hit_p50_ms"] < row["origin_p50_ms"], (region, row)
+        assert row["served_by"].get(f"{region}-1", 0) > row["ok"] / 2, (region, row)
+    purge = cache["purge"]
+    assert purge["applied"] == purge["targets"] == 4, purge
+    assert purge["latency_ms"]["max"] < 1000, purge
+    assert purge["stale_after_purge"] == [], purge
+    events = [e["event"] for e in timeline]
+    assert events.index("purge") < events.index("purge applied") < events.index("node killed")
+    kill = cache["kill"]
+    assert kill["node"] == "ap-south-1" and kill["failed_requests"] == 0, kill
+    assert kill["served_elsewhere"] is not None, kill
+    assert kill["served_elsewhere"]["after_s"] <= HEARTBEAT_S, kill
+    assert kill["back_on_it_after_s"] is not None, kill
 
 
 def test_sigterm_stops_every_process_the_demo_started(tmp_path: Path) -> None:

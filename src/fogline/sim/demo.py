@@ -30,6 +30,7 @@ import psutil
 
 from fogline.errors import ConfigError, RetryableError
 from fogline.sim.demo_apps import AppNode, AppSettings, AppWorkload, app_dir
+from fogline.sim.demo_catalog import CacheNode, CacheSettings, CacheStory
 from fogline.sim.demo_data import DataWorkload
 from fogline.sim.demo_rollouts import FIRST_DEPLOY_TIMEOUT_S, RolloutSettings, RolloutStory
 from fogline.sim.procs import fogline_process, wait_for_file
@@ -84,6 +85,8 @@ class DemoConfig:
     data_story: bool = True
     rollouts: bool = True  # v2 and v3 after v1 (which always goes through the hub)
     rollout_settings: RolloutSettings = field(default_factory=RolloutSettings)
+    cache: bool = True  # the catalog origin, its sites, shoppers, a purge and a node kill
+    cache_settings: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.nodes > 200:
@@ -110,6 +113,8 @@ class DemoNode:
     last_seen_s: float | None = None
     version: str = ""
     ids_seen: set[str] = field(default_factory=set)
+    process: asyncio.subprocess.Process | None = None
+    args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +131,7 @@ class DemoState:
     data: Any = None
     apps: AppWorkload | None = None
     rollouts: RolloutStory | None = None
+    cache: CacheStory | None = None
     data_dir: str = ""
     processes: int = 0
     rss_mb: float = 0.0
@@ -162,6 +168,10 @@ class Demo:
             if config.apps else None
         self.state.apps = self.apps
         self.rollouts: RolloutStory | None = None
+        self.cache = CacheStory(config.cache_settings, self.state.note, self._kill,
+                                self._restart) if config.cache else None
+        self.state.cache = self.cache
+        self._stack: contextlib.AsyncExitStack | None = None
         self.partition: dict[str, Any] = {}
         self._apps_polled_s = self._resources_sampled_s = 0.0
         self._local: httpx.AsyncClient | None = None
@@ -188,6 +198,7 @@ class Demo:
                     lambda: {n.node_id: n.name for n in self.state.nodes},
                     self.config.rollouts)
             async with contextlib.AsyncExitStack() as stack:
+                self._stack = stack
                 hub_url, nats_url, admin = await self._start_hub(stack, data)
                 wan = await stack.enter_async_context(WanEmulator())
                 # The WAN is steerable at run time: curl $wan_url/links, .../partition.
@@ -208,7 +219,8 @@ class Demo:
                 if self.config.data_story:
                     await self.data.setup(api, [(n.name, n.data_dir)
                                                 for n in self._regional()])
-                async with self._app_traffic(wan, data):
+                async with self._app_traffic(wan, data), \
+                        self._cache_traffic(wan, api, hub_url, admin, data):
                     await self._play(api, local)
                 await self._drain(api, local)
                 return await self._summary(api)
@@ -260,13 +272,32 @@ class Demo:
         response = await api.post("/v1/tokens", json={"ttl_s": 600, "region": node.region})
         response.raise_for_status()
         # No --app: the app comes through the hub (demo_rollouts).
-        await stack.enter_async_context(fogline_process(
-            ["node", "--data", str(node.data_dir), "--name", node.name,
-             "--region", node.region, "--tier", node.tier, "--hub", hub_url,
-             "--token", response.json()["token"], "--nats", nats_url,
-             "--heartbeat-interval", f"{self.config.heartbeat_interval_s}s"],
-            data / "nodes" / f"{node.name}.log"))
+        node.args = ["node", "--data", str(node.data_dir), "--name", node.name,
+                     "--region", node.region, "--tier", node.tier, "--hub", hub_url,
+                     "--token", response.json()["token"], "--nats", nats_url,
+                     "--heartbeat-interval", f"{self.config.heartbeat_interval_s}s"]
+        node.process = await stack.enter_async_context(fogline_process(
+            node.args, data / "nodes" / f"{node.name}.log"))
         self.state.nodes.append(node)
+
+    def _node(self, name: str) -> DemoNode:
+        return next(n for n in self.state.nodes if n.name == name)
+
+    async def _kill(self, name: str) -> None:
+        """SIGKILL: no goodbye to the hub, no flush; its users find out by themselves."""
+        process = self._node(name).process
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    async def _restart(self, name: str) -> None:
+        """The same node again: its data dir (identity, caches, purge count) and port."""
+        node = self._node(name)
+        assert self._stack is not None
+        port = (node.data_dir / "endpoint").read_text().strip().rpartition(":")[2]
+        node.process = await self._stack.enter_async_context(fogline_process(
+            [*node.args, "--listen", f"127.0.0.1:{port}"],
+            node.data_dir.parent / f"{node.name}.log"))
 
     def _regional(self) -> list[DemoNode]:
         return [n for n in self.state.nodes if n.api_link is not None]
@@ -285,6 +316,19 @@ class Demo:
                         machines=sum(len(d.machines) for d in self.apps.devices),
                         user_paths=len(self.apps.paths))
         async with self.apps.traffic(data):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _cache_traffic(self, wan: WanEmulator, api: httpx.AsyncClient, hub_url: str,
+                             admin: str, data: Path) -> Any:
+        """The cache story's origin, sites and shoppers, while the context is open."""
+        if self.cache is None:
+            yield
+            return
+        nodes = [CacheNode(n.name, n.region, n.rtt_ms,
+                           (n.data_dir / "endpoint").read_text().strip())
+                 for n in self._regional()]
+        async with self.cache.running(wan, api, hub_url, admin, nodes, data):
             yield
 
     async def _poll(self, api: httpx.AsyncClient) -> None:
@@ -359,6 +403,8 @@ class Demo:
                  for link in (n.api_link, n.nats_link) if link is not None]
         if self.apps is not None:
             links += self.apps.region_links(self.config.partition_region)
+        if self.cache is not None:
+            links += self.cache.region_links(self.config.partition_region)
         return links
 
     def _cut(self) -> None:
@@ -416,6 +462,9 @@ class Demo:
                 self._sample_resources()
             if self.rollouts is not None:
                 await self.rollouts.step(api, now)
+            if self.cache is not None:
+                self.cache.names = {n.node_id: n.name for n in self.state.nodes}
+                await self.cache.step(api, now)
             if self.apps is not None and now - self._apps_polled_s >= APPS_POLL_INTERVAL_S:
                 self._apps_polled_s = now
                 await self.apps.step(api, local)
@@ -423,6 +472,26 @@ class Demo:
             await asyncio.sleep(POLL_INTERVAL_S)
         if self.partition and "healed_at_s" not in self.partition:
             self._heal()
+
+    def _cache_summary(self) -> dict[str, Any] | None:
+        """The cache story's figures, with what the killed node's outage cost the
+        factory's users calling it directly (they have no client SDK to fail over)."""
+        if self.cache is None:
+            return None
+        summary = self.cache.summary()
+        kill = summary.get("kill") or {}
+        if kill and self.apps is not None:
+            ready_s = next((e["hub_since_s"] for e in self.state.timeline
+                            if e["event"] == "status" and e.get("node") == kill["node"]
+                            and e.get("status") == "ready"
+                            and e["at_s"] > kill.get("restarted_at_s", float("inf"))), None)
+            until_s = (ready_s if ready_s is not None else time.time()) + 1.0
+            path = self.apps.users.get("paths", {}).get(f"{kill['region']}/edge", {})
+            kill["ready_again_after_s"] = round(ready_s - kill["killed_at_s"], 3) \
+                if ready_s is not None else None
+            kill["factory_edge_users"] = window_counts(path.get("by_second", {}),
+                                                       kill["killed_at_s"], until_s)
+        return summary
 
     def _sample_resources(self) -> None:
         """RSS of the whole demo: this process and every process it started."""
@@ -463,11 +532,20 @@ class Demo:
             "apps": self.apps.summary() if self.apps is not None else None,
             "rollouts": self.rollouts.summary(self.apps.users, self.apps.paths_by_node())
             if self.rollouts is not None and self.apps is not None else None,
+            "cache": self._cache_summary(),
             "resources": {"processes": self.state.processes, "rss_mb_max": self.state.rss_mb_max,
                           "cores": psutil.cpu_count()},
             "timeline": self.state.timeline,
             "statuses": self.state.samples,
         }
+
+
+def window_counts(by_second: dict[str, list[int]], from_s: float,
+                  to_s: float) -> dict[str, int]:
+    """ok and failed requests of a path's per-second counts in [from_s, to_s]."""
+    counts = [by_second.get(str(second), [0, 0])
+              for second in range(int(from_s), int(to_s) + 1)]
+    return {"ok": sum(c[0] for c in counts), "failed": sum(c[1] for c in counts)}
 
 
 def _host_port(url: str) -> tuple[str, int]:

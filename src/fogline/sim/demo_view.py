@@ -16,6 +16,7 @@ from rich.text import Text
 
 from fogline.sim.demo import DemoState
 from fogline.sim.demo_apps import COMPARED, USER_TO_CLOUD, USER_TO_EDGE, AppWorkload
+from fogline.sim.demo_catalog import CacheStory
 from fogline.sim.demo_rollouts import RolloutStory
 
 PHASE_STYLE = {"complete": "green", "progressing": "bold yellow", "rolled_back": "bold red",
@@ -78,6 +79,8 @@ def render(state: DemoState) -> Panel:
         parts.append(render_apps(state.apps))
     if state.rollouts is not None:
         parts.append(render_rollouts(state.rollouts))
+    if state.cache is not None and state.cache.regions():
+        parts.append(render_cache(state.cache))
     parts.append(Panel(lines, title="timeline", border_style="dim"))
     return Panel(Group(*parts),
                  title=title,
@@ -161,3 +164,46 @@ def render_rollouts(story: RolloutStory) -> Panel:
             Text(why, style="red" if phase == "rolled_back" else "dim"))
     return Panel(Group(table, Text(story.plan(), style="dim")),
                  title=f"rollouts of '{story.app}' through the hub", border_style="blue")
+
+
+def render_cache(story: CacheStory) -> Panel:
+    """The catalog's shoppers per region: which node serves them (the client SDK's
+    choice), hits and their latency against trips to the origin, failures; then the
+    purge and the node kill as they happen."""
+    table = _table()
+    for column in ("shoppers in", "served by", "hits", "hit p50 / p99 ms",
+                   "origin p50 / p99 ms", "stale", "requests"):
+        table.add_column(column, no_wrap=True)
+    for region, row in story.regions().items():
+        counts = row.get("x_cache", {})
+        total = sum(counts.values())
+        hits = sum(counts.get(k, 0) for k in ("HIT", "STALE", "STALE-IF-ERROR"))
+        requests = Text(f"{row.get('ok', 0)} ok")
+        if row.get("failed"):
+            requests.append(f" {row['failed']} failed", style="red")
+        node = story.names.get(row.get("node") or "", row.get("node") or "-")
+        table.add_row(region, node, f"{hits / total:.0%}" if total else "-",
+                      f"{_ms(row.get('hit_p50_ms'))} / {_ms(row.get('hit_p99_ms'))}",
+                      f"{_ms(row.get('origin_p50_ms'))} / {_ms(row.get('origin_p99_ms'))}",
+                      Text(str(counts.get("STALE-IF-ERROR", 0)),
+                           style="yellow" if counts.get("STALE-IF-ERROR") else "dim"),
+                      requests)
+    lines = Text()
+    purge = story.purge
+    if purge:
+        latency = purge.get("latency_ms") or {}
+        lines.append(f"purge {purge['tag']} (#{purge['seq']}): applied on "
+                     f"{purge.get('applied', 0)}/{purge['targets']} nodes, p50 "
+                     f"{_ms(latency.get('p50'))} ms, max {_ms(latency.get('max'))} ms; "
+                     f"old prices served after it: {len(story.stale_after_purge())}\n")
+    kill = story.kill_figures()
+    if kill:
+        elsewhere = kill.get("served_elsewhere") or {}
+        lines.append(f"{kill['node']} killed: its shoppers on {elsewhere.get('node', '...')} "
+                     f"after {elsewhere.get('after_s', '...')} s, "
+                     f"{kill['failed_requests']} failed requests", style="bold")
+        if kill.get("back_on_it_after_s") is not None:
+            lines.append(f"; back on it {kill['back_on_it_after_s']:.1f} s after the kill")
+    lines.rstrip()
+    return Panel(Group(table, lines), title="edge cache: catalog, shoppers routed by "
+                 "fogline.client", border_style="cyan")
