@@ -44,7 +44,7 @@ def _query(app: str | None, site: str | None) -> str:
 def routes_table(table: dict[str, Any]) -> Table:
     view = Table(box=None, header_style="bold")
     for column in ("NODE", "REGION", "TIER", "ENDPOINT", "HEALTH", "SERVING", "CPU",
-                   "INFLIGHT", "RPS", "HUB RTT", "LAST SEEN", "APPS", "SITES"):
+                   "INFLIGHT", "RPS", "HUB RTT", "USER RTT", "LAST SEEN", "APPS", "SITES"):
         view.add_column(column)
     for r in table["routes"]:
         load = r["load"]
@@ -58,6 +58,8 @@ def routes_table(table: dict[str, Any]) -> Table:
             "[green]yes[/green]" if r["serving"] else "[red]no[/red]",
             f"{load['cpu_percent']:.0f}%", str(load["http_inflight"]),
             f"{load['http_rps']:.1f}", f"{rtt:.1f} ms" if rtt is not None else "-",
+            " ".join(escape(f"{where}={ms:.0f}ms") for where, ms in
+                     sorted(r.get("user_rtt_ms", {}).items())) or "-",
             age(r["last_seen_s"]),
             ",".join(escape(f"{a['name']}:{a['state']}") for a in r["apps"]) or "-",
             ",".join(escape(s["name"]) for s in r["sites"]) or "-")

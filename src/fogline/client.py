@@ -13,7 +13,10 @@ a node that slowed down or died) and the table is refreshed every heartbeat inte
 hub that cannot be reached leaves the last table in use. Paths are the node's own: an
 app's routes are under `/{app}/...`, a site's as its origin serves them.
 
-`where` narrows the candidates further (say, to some regions or tiers). A node the hub
+`report_as="eu-west"` (a location: a region, a network) sends what the client measured
+to the hub every refresh, which shows it in the table as each node's `user_rtt_ms`
+(for DNS or load balancers that steer by measured latency). `where` narrows the
+candidates further (say, to some regions or tiers). A node the hub
 reports `offline` stays a candidate, ranked as if degraded: the hub lost its
 heartbeats, but this client may still reach it (local first); if it is really gone
 its probes fail and it ranks last.
@@ -52,6 +55,7 @@ from fogline.core.routing import (
     Router,
     RouteTable,
     RoutingPolicy,
+    check_rtt_report,
     decode_table,
     is_idempotent,
     may_serve,
@@ -119,6 +123,7 @@ class Client:
         routes: Sequence[Route | Mapping[str, Any]] | None = None,
         resolve: Callable[[str], str] | Mapping[str, str] | None = None,
         where: Callable[[Route], bool] | None = None,
+        report_as: str | None = None,
         refresh_s: float | None = None,
         probe: bool = True,
         probe_interval_s: float = 1.0,
@@ -156,6 +161,12 @@ class Client:
         self._token = token
         self._resolve = resolve
         self._where = where
+        if report_as is not None:
+            if hub is None:
+                raise ConfigError("report_as needs the hub (hub=) to report to")
+            check_rtt_report(report_as, {"-": 0.0})  # the location's spelling
+        self.report_as = report_as
+        self._reported_at_s = -1e9
         self._refresh_s = refresh_s
         self._interval_s = DEFAULT_REFRESH_S
         self._static = [self._static_route(r) for r in routes] if routes is not None else None
@@ -314,12 +325,34 @@ class Client:
                     await self.probe_all()
                 if self.clock.monotonic() - self._refreshed_at_s >= self._period_s():
                     await self.refresh()
+                if self.report_as is not None and \
+                        self.clock.monotonic() - self._reported_at_s >= self._period_s():
+                    await self.report_rtt()
             except (RetryableError, AuthError, NotFoundError) as exc:
                 self.stats.refresh_errors += 1  # keep routing on the last table
                 log.warning("routing table not refreshed: %s", exc)
             except Exception:  # the upkeep must outlive any one bad round
                 self.stats.refresh_errors += 1
                 log.exception("routing upkeep failed; trying again")
+
+    async def report_rtt(self) -> int:
+        """Tell the hub what this client measured to each node, as `report_as`; the
+        routing table shows it per location (`user_rtt_ms`). Returns nodes recorded."""
+        assert self._hub is not None and self.report_as is not None
+        self._reported_at_s = self.clock.monotonic()
+        measured = {node_id: round(rtt, 3) for node_id in self.router.node_ids
+                    if (rtt := self.router.rtt_ms(node_id)) is not None}
+        if not measured:
+            return 0
+        try:
+            response = await self._hub.post("/v1/routes/rtt", json={
+                "location": self.report_as, "rtt_ms": measured})
+        except httpx.HTTPError as exc:
+            raise RetryableError(f"cannot report RTTs to the hub: {exc!r}") from exc
+        if response.status_code != 202:
+            raise RetryableError(f"the hub refused the RTT report ({response.status_code}): "
+                                 f"{response.text[:200]}")
+        return int(response.json()["recorded"])
 
     def _period_s(self) -> float:
         return self._refresh_s if self._refresh_s is not None else self._interval_s

@@ -260,7 +260,7 @@ def test_the_node_reports_its_http_load(fleet: Fleet) -> None:
 
 async def test_the_client_picks_the_lowest_rtt_node_and_moves_when_it_slows(
         fleet: Fleet) -> None:
-    async with fleet.client() as client:
+    async with fleet.client(report_as="lab/eu") as client:
         ranked = client.candidates()
         assert [fleet.name_of(c["node_id"]) for c in ranked] == ["ra", "rb", "rc"]
         assert ranked[0]["rtt_ms"] < ranked[1]["rtt_ms"] < ranked[2]["rtt_ms"]
@@ -276,6 +276,31 @@ async def test_the_client_picks_the_lowest_rtt_node_and_moves_when_it_slows(
             await asyncio.sleep(0.1)
         assert fleet.name_of(client.current) == "rb", client.candidates()
         assert client.stats.failures == 0
+
+        # What the client measured is in the hub's table, by the location it reported.
+        assert await client.report_rtt() == 3
+    table = fleet.routes("-o", "json")["routes"]
+    user = {fleet.name_of(r["node_id"]): r["user_rtt_ms"]["lab/eu"] for r in table}
+    assert user["rb"] < user["rc"] and user["rb"] >= 2 * LATENCY_MS["rb"], user
+    assert "lab/eu=" in fleet.routes()["text"]
+
+
+def test_bad_rtt_reports_are_refused_and_change_nothing(fleet: Fleet) -> None:
+    with fleet.hub.client() as http:
+        for body, message in [
+                ({"location": "", "rtt_ms": {"x": 1}}, "invalid location"),
+                ({"location": "a b", "rtt_ms": {"x": 1}}, "invalid location"),
+                ({"location": "ok", "rtt_ms": {}}, "must map node ids"),
+                ({"location": "ok", "rtt_ms": {"x": -1}}, "expected 0..60000"),
+                ({"location": "ok", "rtt_ms": {"x": "fast"}}, "expected 0..60000"),
+                ({"location": "ok", "rtt_ms": {"x": True}}, "expected 0..60000")]:
+            response = http.post("/v1/routes/rtt", json=body)
+            assert response.status_code == 422 and message in response.text, response.text
+        unknown = http.post("/v1/routes/rtt", json={"location": "ok",
+                                                     "rtt_ms": {"nd-nobody": 5}})
+        assert unknown.status_code == 202 and unknown.json()["recorded"] == 0
+    table = fleet.hub.api("GET", "/v1/routes")["routes"]
+    assert all("ok" not in r["user_rtt_ms"] for r in table)
 
 
 async def test_a_killed_node_fails_over_within_an_interval_and_a_post_is_not_resent(

@@ -15,11 +15,13 @@ from fogline.core.routing import (
     Router,
     RouteSite,
     RoutingPolicy,
+    check_rtt_report,
     decode_table,
     is_fresh,
     is_idempotent,
     may_serve,
     may_try_next,
+    merge_rtt,
     serves,
 )
 from fogline.errors import ConfigError
@@ -254,7 +256,7 @@ def test_the_hub_table_says_which_nodes_serve() -> None:
     assert set(encoded) == {"generated_at", "heartbeat_interval_s", "routes"}
     assert list(encoded["routes"][0]) == [
         "node_id", "region", "tier", "endpoint", "health", "serving", "load", "hub_rtt_ms",
-        "apps", "sites", "last_seen_s", "interval_s"]
+        "apps", "sites", "last_seen_s", "interval_s", "user_rtt_ms"]
 
 
 def test_the_gateway_drops_hop_by_hop_headers_and_those_connection_names() -> None:
@@ -283,3 +285,15 @@ async def test_the_client_refuses_bad_arguments() -> None:
         Client(routes=[{"endpoint": "http://x"}])
     with pytest.raises(ConfigError, match="not started"):
         await Client(routes=[{"node_id": "a", "endpoint": "http://x"}]).get("/")
+
+
+def test_a_user_rtt_report_is_checked_and_averaged() -> None:
+    assert check_rtt_report("eu-west/isp:1", {"nd-a": 4, "nd-b": 0.5}) == (
+        "eu-west/isp:1", {"nd-a": 4.0, "nd-b": 0.5})
+    for location, rtts in [("", {"a": 1}), ("-x", {"a": 1}), ("x" * 65, {"a": 1}),
+                           ("ok", {}), ("ok", {"": 1}), ("ok", {"a": float("nan")}),
+                           ("ok", {"a": 60_001}), ("ok", {"a": False}), ("ok", [("a", 1)])]:
+        with pytest.raises(ConfigError):
+            check_rtt_report(location, rtts)
+    assert merge_rtt(None, 10.0) == 10.0
+    assert merge_rtt(10.0, 20.0) == pytest.approx(13.0)

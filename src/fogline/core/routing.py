@@ -24,6 +24,7 @@ non-idempotent request is never sent twice.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -98,12 +99,50 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     sites: tuple[RouteSite, ...] = ()
     last_seen_s: float | None = None
     interval_s: float = 0.0
+    # RTT to this node as clients measured it, by the location they reported from.
+    user_rtt_ms: dict[str, float] = {}
 
 
 class RouteTable(msgspec.Struct, frozen=True, kw_only=True):
     generated_at: float
     heartbeat_interval_s: float
     routes: tuple[Route, ...] = ()
+
+
+# User-side RTT: what clients measured, reported by location (a region, a network).
+USER_RTT_WEIGHT = 0.3  # of a new report in the hub's running average
+USER_RTT_FRESH_S = 600.0  # older reports are left out of the table
+USER_RTT_NODES_MAX = 1000
+USER_RTT_MS_MAX = 60_000.0
+_LOCATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
+
+
+def check_rtt_report(location: object, rtt_ms: object) -> tuple[str, dict[str, float]]:
+    """A client's report (where it is, node id -> ms), or ConfigError."""
+    if not isinstance(location, str) or not _LOCATION.match(location):
+        raise ConfigError(f"invalid location {location!r}: 1-64 letters, digits, "
+                          "'_', '.', ':', '/' or '-'")
+    if not isinstance(rtt_ms, dict) or not rtt_ms:
+        raise ConfigError("rtt_ms must map node ids to milliseconds")
+    if len(rtt_ms) > USER_RTT_NODES_MAX:
+        raise ConfigError(f"at most {USER_RTT_NODES_MAX} nodes per report")
+    checked = {}
+    for node_id, value in rtt_ms.items():
+        if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
+            raise ConfigError(f"invalid node id {node_id!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or not 0 <= value <= USER_RTT_MS_MAX:
+            raise ConfigError(f"rtt of {node_id}: expected 0..{USER_RTT_MS_MAX:g} ms, "
+                              f"got {value!r}")
+        checked[node_id] = float(value)
+    return location, checked
+
+
+def merge_rtt(previous_ms: float | None, reported_ms: float) -> float:
+    """The hub's running average of reports for one (location, node)."""
+    if previous_ms is None:
+        return reported_ms
+    return (1 - USER_RTT_WEIGHT) * previous_ms + USER_RTT_WEIGHT * reported_ms
 
 
 def decode_table(value: object) -> RouteTable:

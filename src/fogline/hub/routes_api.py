@@ -4,7 +4,8 @@ The JSON shape is stable (clients, the gateway and DNS or load-balancer exporter
 it): `{"generated_at", "heartbeat_interval_s", "routes": [{"node_id", "region", "tier",
 "endpoint", "health", "serving", "load": {"cpu_percent", "http_inflight", "http_rps"},
 "hub_rtt_ms", "apps": [{"name", "revision", "state"}], "sites": [{"name", "hosts",
-"path_prefixes"}], "last_seen_s", "interval_s"}]}`; see docs/routing.md.
+"path_prefixes"}], "last_seen_s", "interval_s", "user_rtt_ms": {location: ms}}]}`; see
+docs/routing.md. `POST /v1/routes/rtt` takes clients' measurements for `user_rtt_ms`.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves annotations at definition.
@@ -14,9 +15,11 @@ from typing import Any, Protocol
 import msgspec
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 
 from fogline.clock import Clock
-from fogline.errors import NotFoundError
+from fogline.core.routing import USER_RTT_NODES_MAX, check_rtt_report
+from fogline.errors import ConfigError, NotFoundError
 from fogline.hub.deployments import HubDeployments
 from fogline.hub.routes import RouteTables
 from fogline.hub.store import HubStore
@@ -24,6 +27,11 @@ from fogline.hub.store import HubStore
 # App names as manifests allow them, site names as fogline.site_spec does.
 _APP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _SITE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class RttReport(BaseModel):
+    location: str = Field(max_length=64)
+    rtt_ms: dict[str, Any] = Field(max_length=USER_RTT_NODES_MAX)
 
 
 class RouteOperations(Protocol):
@@ -56,3 +64,15 @@ def add_route_routes(app: FastAPI, store: HubStore, hub: RouteOperations, clock:
             raise NotFoundError(f"no site {site!r}")
         table = tables.table(clock.now(), clock.monotonic(), app=app, site=site)
         return Response(msgspec.json.encode(table), media_type="application/json")
+
+    @app.post("/v1/routes/rtt", status_code=202)
+    def report_rtt(body: RttReport, _: admin) -> dict[str, Any]:
+        """A client's measured RTT to nodes, from its location (a region, a network):
+        the table shows each node's running average per location as `user_rtt_ms`."""
+        try:
+            location, rtt_ms = check_rtt_report(body.location, body.rtt_ms)
+        except ConfigError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        recorded = route_tables().record_rtt(location, rtt_ms, clock.now())
+        return {"location": location, "recorded": recorded,
+                "ignored": len(rtt_ms) - recorded}

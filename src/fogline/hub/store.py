@@ -137,6 +137,16 @@ stream_policies = sa.Table(
     sa.Column("updated_at_s", sa.Float, nullable=False),
 )
 
+# RTT from clients to nodes, as clients measured and reported it, by their location.
+user_rtt = sa.Table(
+    "fl_user_rtt", metadata,
+    sa.Column("location", sa.String(64), primary_key=True),
+    sa.Column("node_id", sa.String(64), primary_key=True),
+    sa.Column("rtt_ms", sa.Float, nullable=False),
+    sa.Column("reports", sa.Integer, nullable=False),
+    sa.Column("updated_at_s", sa.Float, nullable=False),
+)
+
 sites = sa.Table(
     "fl_sites", metadata,
     sa.Column("name", sa.String(64), primary_key=True),

@@ -119,7 +119,7 @@ class Shoppers:
         self.items, self.stock_share = items, stock_share
         self.rng = random.Random(region)
         self.stats = RegionStats()
-        self.client = Client(hub=hub, token=token, where=serves_catalog,
+        self.client = Client(hub=hub, token=token, where=serves_catalog, report_as=region,
                              resolve=dict(spec["resolve"]), probe_interval_s=0.5,
                              timeout_s=REQUEST_TIMEOUT_S, connect_timeout_s=1.0)
 
