@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fleet import ThreadedWan
+
 REQUIRE_SERVICES = os.environ.get("FOGLINE_REQUIRE_SERVICES") == "1"
 POSTGRES_URL = os.environ.get("FOGLINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -50,3 +52,13 @@ def hub_db_args(request: pytest.FixtureRequest) -> list[str]:
     if request.param == "postgresql":
         return ["--db", request.getfixturevalue("postgres_url")]
     return []
+
+
+@pytest.fixture
+def wan() -> Iterator[ThreadedWan]:
+    """A WAN emulator on its own thread, for links a test can slow down or cut."""
+    emulator = ThreadedWan()
+    try:
+        yield emulator
+    finally:
+        emulator.close()

@@ -223,3 +223,35 @@ async def connect_as(files: NodeFiles, node_id: str, url: str,
         signature_cb=lambda nonce: base64.b64encode(seed.sign(nonce.encode())),
         inbox_prefix=inbox_prefix(node_id), error_cb=on_error, allow_reconnect=False,
         connect_timeout=3)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[int]:
+    """An ASGI app (an origin, say) on its own event loop in a thread, so blocking calls
+    in a sync test never stall it; yields its port."""
+    import asyncio
+    import threading
+
+    from fogline.transport.http_server import serve_http
+
+    loop = asyncio.new_event_loop()
+    ports: list[int] = []
+    ready = threading.Event()
+    stop: list[asyncio.Event] = []
+
+    async def serve() -> None:
+        stop.append(asyncio.Event())
+        async with serve_http(app, "127.0.0.1", 0) as port:
+            ports.append(port)
+            ready.set()
+            await stop[0].wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10), "the server did not start"
+        yield ports[0]
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(10)
+        loop.close()

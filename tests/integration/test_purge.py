@@ -8,10 +8,8 @@ serves from its cache again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +22,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from fogline.transport.http_server import serve_http
-from tests.fleet import HubProcess, ThreadedWan, run_hub, wait_for
+from tests.fleet import HubProcess, ThreadedWan, run_hub, serve_in_thread, wait_for
 from tests.integration.test_deploy_cli import fogline
 from tests.integration.test_sites import site
 from tests.integration.test_sync import host_port
@@ -54,36 +51,8 @@ class Origin:
 
 @contextlib.contextmanager
 def run_origin(origin: Origin) -> Iterator[tuple[str, int]]:
-    app = Starlette(routes=[Route("/{path:path}", origin.page)])
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    ports: list[int] = []
-    ready = threading.Event()
-
-    async def serve() -> None:
-        async with serve_http(app, "127.0.0.1", 0) as port:
-            ports.append(port)
-            ready.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(10), "origin did not start"
-        yield "127.0.0.1", ports[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
-
-
-@pytest.fixture
-def wan() -> Iterator[ThreadedWan]:
-    emulator = ThreadedWan()
-    try:
-        yield emulator
-    finally:
-        emulator.close()
+    with serve_in_thread(Starlette(routes=[Route("/{path:path}", origin.page)])) as port:
+        yield "127.0.0.1", port
 
 
 def start_node(hub: HubProcess, root: Path, wan: ThreadedWan, name: str,

@@ -34,7 +34,15 @@ from starlette.routing import Route
 from fogline.client import Client, NoRouteError, RequestFailed
 from fogline.transport.http_server import serve_http
 from fogline.transport.nats_server import free_port
-from tests.fleet import FOGLINE, HubProcess, ThreadedWan, run_hub, stop, wait_for
+from tests.fleet import (
+    FOGLINE,
+    HubProcess,
+    ThreadedWan,
+    run_hub,
+    serve_in_thread,
+    stop,
+    wait_for,
+)
 
 INTERVAL_S = 1.0
 NAMES = ("ra", "rb", "rc")
@@ -69,25 +77,9 @@ def run_origin() -> Iterator[Origin]:
 
     app = Starlette(routes=[Route("/catalog/hold", hold, methods=["POST"]),
                             Route("/catalog/{path:path}", item)])
-    loop = asyncio.new_event_loop()
-    stopped = asyncio.Event()
-    ready = threading.Event()
-
-    async def serve() -> None:
-        async with serve_http(app, "127.0.0.1", 0) as port:
-            origin.url = f"http://127.0.0.1:{port}"
-            ready.set()
-            await stopped.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(10), "origin did not start"
+    with serve_in_thread(app) as port:
+        origin.url = f"http://127.0.0.1:{port}"
         yield origin
-    finally:
-        loop.call_soon_threadsafe(stopped.set)
-        thread.join(10)
-        loop.close()
 
 
 @dataclass

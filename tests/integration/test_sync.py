@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.fleet import HubProcess, LocalNode, ThreadedWan, run_hub, stop, wait_for
 
@@ -18,15 +16,6 @@ PARTITION_S = float(os.environ.get("FOGLINE_TEST_PARTITION_S", "30"))
 HUB_DOWN_S = float(os.environ.get("FOGLINE_TEST_HUB_DOWN_S", "60"))
 COLLECTIONS = {"shared": ("map", "region"), "hits": ("counter", "region"),
                "tags": ("set", "global")}
-
-
-@pytest.fixture
-def wan() -> Iterator[ThreadedWan]:
-    emulator = ThreadedWan()
-    try:
-        yield emulator
-    finally:
-        emulator.close()
 
 
 def host_port(url: str) -> tuple[str, int]:

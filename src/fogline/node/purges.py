@@ -53,6 +53,11 @@ log = logging.getLogger("fogline.node.purges")
 CATCH_UP_TIMEOUT_S = 5.0
 CHECK_INTERVAL_S = 30.0  # a lost broadcast with no purge after it is found by this
 FENCE_MAX_S = 10.0
+# The cursor is written this long after a purge applied by broadcast, once for all that
+# came meanwhile. Losing it costs nothing: the hub replays what follows the saved
+# cursor, and each cache skips the purges it had applied already (its own count is
+# committed with the purge).
+SAVE_DELAY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class NodePurges:
         self._caught_up.set()
         self._queue: asyncio.Queue[Purge | None] = asyncio.Queue()
         self._fenced_since_s = 0.0
+        self._save_pending: asyncio.TimerHandle | None = None
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
 
     # State --------------------------------------------------------------------------
@@ -123,7 +129,19 @@ class NodePurges:
                       self.state_path, exc)
             return 0, None
 
+    def _save_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tools, tests): now
+            self._save()
+            return
+        if self._save_pending is None:
+            self._save_pending = loop.call_later(SAVE_DELAY_S, self._save)
+
     def _save(self) -> None:
+        if self._save_pending is not None:
+            self._save_pending.cancel()
+            self._save_pending = None
         partial = self.state_path.with_suffix(".tmp")
         partial.write_text(json.dumps({"seq": self.applied_seq,
                                        "applied_at_s": self.applied_at_s}))
@@ -169,7 +187,7 @@ class NodePurges:
         self.applied_at_s = self.clock.now()
         self.applied += 1
         if save:
-            self._save()
+            self._save_soon()
         return removed
 
     def reset(self, last_seq: int) -> None:
@@ -206,7 +224,8 @@ class NodePurges:
                 else:
                     wait_s = max(0.0, check_at_s - self.clock.monotonic())
                     with contextlib.suppress(TimeoutError):
-                        item = await asyncio.wait_for(self._queue.get(), wait_s)
+                        async with asyncio.timeout(wait_s):  # no task per wait
+                            item = await self._queue.get()
                 if item is None and self.clock.monotonic() >= check_at_s:
                     check_at_s = self._next_check_s()
                 if item is None:
@@ -219,6 +238,8 @@ class NodePurges:
                 elif isinstance(step, CatchUp):
                     await self._catch_up(nc)
         finally:
+            if self._save_pending is not None:
+                self._save()
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
 

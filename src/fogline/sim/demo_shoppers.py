@@ -26,7 +26,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from fogline.client import Client
 from fogline.core.routing import Route
 from fogline.errors import ConfigError, FoglineError
 from fogline.sim.demo_users import sorted_percentile
-from fogline.transport.nats_server import die_with_parent, stop_process
+from fogline.sim.procs import python_module, run_reporting
 
 REQUEST_TIMEOUT_S = 3.0
 WRITE_INTERVAL_S = 0.5
@@ -178,35 +177,14 @@ async def serve_shoppers(config: dict[str, Any]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shoppers = [Shoppers(region, spec, config["hub"], config["token"], config["items"],
                          config["stock_share"]) for region, spec in config["regions"].items()]
-    stop = asyncio.Event()
-    try:
-        async with asyncio.TaskGroup() as group:
-            for s in shoppers:
-                group.create_task(s.run(stop))
-            try:
-                while True:
-                    write_stats(target, shoppers)
-                    await asyncio.sleep(WRITE_INTERVAL_S)
-            finally:
-                stop.set()
-    finally:
-        write_stats(target, shoppers)
+    await run_reporting([s.run for s in shoppers], lambda: write_stats(target, shoppers),
+                        WRITE_INTERVAL_S)
 
 
-@contextlib.asynccontextmanager
-async def shoppers_process(config: dict[str, Any],
-                           log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+def shoppers_process(config: dict[str, Any], log_path: Path
+                     ) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """The shoppers' process, running until the context exits."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fogline.sim.demo_shoppers", json.dumps(config),
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            preexec_fn=die_with_parent)
-    try:
-        yield process
-    finally:
-        await stop_process(process)
+    return python_module("fogline.sim.demo_shoppers", config, log_path)
 
 
 def main() -> None:

@@ -28,13 +28,12 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fogline.errors import ConfigError, ProtocolError
-from fogline.transport.nats_server import die_with_parent, stop_process
+from fogline.sim.procs import python_module, run_reporting
 
 REQUEST_TIMEOUT_S = 2.0
 WARMUP_TIMEOUT_S = 30.0
@@ -304,38 +303,18 @@ async def serve_users(config: dict[str, Any]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     clients = [PathClient(UserPath(**{**p, "machines": tuple(p["machines"])}))
                for p in config["paths"]]
-    stop = asyncio.Event()
-    try:
-        async with asyncio.TaskGroup() as group:
-            for client in clients:
-                group.create_task(client.run(stop))
-            try:
-                while True:
-                    write_stats(target, clients)
-                    await asyncio.sleep(WRITE_INTERVAL_S)
-            finally:
-                stop.set()  # requests in flight finish (each within its timeout)
-    finally:
-        write_stats(target, clients)
+    await run_reporting([client.run for client in clients],
+                        lambda: write_stats(target, clients), WRITE_INTERVAL_S)
 
 
-@contextlib.asynccontextmanager
-async def users_process(paths: list[UserPath], stats_path: Path,
-                        log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+def users_process(paths: list[UserPath], stats_path: Path,
+                  log_path: Path) -> contextlib.AbstractAsyncContextManager[
+                      asyncio.subprocess.Process]:
     """The users process, running until the context exits (SIGTERM: it writes its final
     stats and ends; SIGKILL after a grace period)."""
     config = {"stats_path": str(stats_path),
               "paths": [dataclasses.asdict(path) for path in paths]}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fogline.sim.demo_users", json.dumps(config),
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            preexec_fn=die_with_parent)
-    try:
-        yield process
-    finally:
-        await stop_process(process)
+    return python_module("fogline.sim.demo_users", config, log_path)
 
 
 def read_stats(stats_path: Path) -> dict[str, Any]:
