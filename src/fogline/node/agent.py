@@ -262,8 +262,15 @@ class NodeAgent:
                         return renewed
                 # Wake early on reconnect or an app's change: the hub learns at once.
                 self._wake_heartbeat.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake_heartbeat.wait(), interval_s)
+                # The interval ends by setting the event: a wait_for could swallow a
+                # cancellation landing as its timeout fires (Python 3.11) and keep the
+                # link running after the node was asked to stop.
+                timer = asyncio.get_running_loop().call_later(interval_s,
+                                                              self._wake_heartbeat.set)
+                try:
+                    await self._wake_heartbeat.wait()
+                finally:
+                    timer.cancel()
             if nc.is_closed and "revoked" in str(nc.last_error).lower():
                 self._mark_revoked(str(nc.last_error))
             return identity

@@ -44,6 +44,7 @@ from fogline.protocol import (
     purged_subject,
     purges_get_subject,
 )
+from fogline.transport.cancellation import raise_if_cancelling
 
 if TYPE_CHECKING:  # the cache loads with the first site, not before
     from fogline.node.cache_store import CacheStore
@@ -215,19 +216,13 @@ class NodePurges:
 
         subscription = await nc.subscribe(PURGE_SUBJECT, cb=on_purge)
         self.fence()
-        check_at_s = self._next_check_s()
+        checks = asyncio.create_task(self._check_now_and_then())
         try:
             while True:
-                item: Purge | None = None
-                if not self._queue.empty():
-                    item = self._queue.get_nowait()
-                else:
-                    wait_s = max(0.0, check_at_s - self.clock.monotonic())
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait_s):  # no task per wait
-                            item = await self._queue.get()
-                if item is None and self.clock.monotonic() >= check_at_s:
-                    check_at_s = self._next_check_s()
+                # nats-py's requests (the catch-up) use wait_for, which on Python 3.11 can
+                # swallow a cancellation that lands as its reply does: never loop on one.
+                raise_if_cancelling()
+                item = await self._queue.get()
                 if item is None:
                     await self._catch_up(nc)
                     continue
@@ -238,15 +233,19 @@ class NodePurges:
                 elif isinstance(step, CatchUp):
                     await self._catch_up(nc)
         finally:
+            checks.cancel()
             if self._save_pending is not None:
                 self._save()
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
 
-    def _next_check_s(self) -> float:
-        """When to ask the hub even without a reason: jittered, so a fleet that got one
-        broadcast at the same moment does not come asking at the same moment."""
-        return self.clock.monotonic() + CHECK_INTERVAL_S * random.uniform(0.8, 1.2)
+    async def _check_now_and_then(self) -> None:
+        """Ask the hub even without a reason, now and then (a lost broadcast with no
+        purge after it), jittered: a fleet that got one broadcast at the same moment must
+        not come asking at the same moment."""
+        while True:
+            await self.clock.sleep(CHECK_INTERVAL_S * random.uniform(0.8, 1.2))
+            self._queue.put_nowait(None)
 
     async def _catch_up(self, nc: NatsClient) -> None:
         """Ask the hub for every purge after the last applied, and apply them."""
@@ -259,6 +258,7 @@ class NodePurges:
                 if not isinstance(log_, PurgeLog):
                     raise ProtocolError(f"expected a purge log, got {type(log_).__name__}")
             except (nats.errors.Error, TimeoutError, ProtocolError) as exc:
+                raise_if_cancelling()
                 log.info("purge catch-up failed: %s", exc)
                 if self.fenced and \
                         self.clock.monotonic() - self._fenced_since_s > FENCE_MAX_S:

@@ -326,8 +326,14 @@ class HollowNode:
                 if nc.is_connected:
                     await self._beat(nc)
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                # The interval ends by setting the event itself: a wait_for here could
+                # swallow a cancellation that lands as its timeout fires (Python 3.11),
+                # and leave a node running after its fleet was stopped.
+                timer = asyncio.get_running_loop().call_later(self.interval_s, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
         finally:
             ask.cancel()
             purges.cancel()
