@@ -65,6 +65,7 @@ from fogline.protocol import (
     heartbeat_subject,
     inbox_prefix,
 )
+from fogline.transport.cancellation import wait_or_wake
 from fogline.transport.http_server import serve_http
 
 # Every key of the apps' cache starts with one of these (ctx.cache, ctx.fetch).
@@ -262,15 +263,7 @@ class NodeAgent:
                         return renewed
                 # Wake early on reconnect or an app's change: the hub learns at once.
                 self._wake_heartbeat.clear()
-                # The interval ends by setting the event: a wait_for could swallow a
-                # cancellation landing as its timeout fires (Python 3.11) and keep the
-                # link running after the node was asked to stop.
-                timer = asyncio.get_running_loop().call_later(interval_s,
-                                                              self._wake_heartbeat.set)
-                try:
-                    await self._wake_heartbeat.wait()
-                finally:
-                    timer.cancel()
+                await wait_or_wake(self._wake_heartbeat, interval_s)
             if nc.is_closed and "revoked" in str(nc.last_error).lower():
                 self._mark_revoked(str(nc.last_error))
             return identity

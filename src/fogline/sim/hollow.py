@@ -64,6 +64,7 @@ from fogline.protocol import (
     inbox_prefix,
 )
 from fogline.sim.hollow_purges import HollowPurges
+from fogline.transport.cancellation import wait_or_wake
 
 log = logging.getLogger("fogline.sim.hollow")
 
@@ -326,14 +327,7 @@ class HollowNode:
                 if nc.is_connected:
                     await self._beat(nc)
                 self._wake.clear()
-                # The interval ends by setting the event itself: a wait_for here could
-                # swallow a cancellation that lands as its timeout fires (Python 3.11),
-                # and leave a node running after its fleet was stopped.
-                timer = asyncio.get_running_loop().call_later(self.interval_s, self._wake.set)
-                try:
-                    await self._wake.wait()
-                finally:
-                    timer.cancel()
+                await wait_or_wake(self._wake, self.interval_s)
         finally:
             ask.cancel()
             purges.cancel()

@@ -11,3 +11,15 @@ def raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def wait_or_wake(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until `event` is set, setting it ourselves after `timeout_s`: for a loop's
+    wake-up event (set early to act at once, else once per period). Unlike
+    `asyncio.wait_for` on Python 3.11, a cancellation landing as the period ends is
+    never turned into a timeout and swallowed."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, event.set)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
