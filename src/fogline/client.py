@@ -60,6 +60,7 @@ from fogline.core.routing import (
     is_idempotent,
     may_serve,
     may_try_next,
+    node_failed,
 )
 from fogline.errors import AuthError, ConfigError, NotFoundError, RetryableError
 
@@ -454,9 +455,7 @@ class Client:
                     continue
                 break
             if response.status_code >= 500:
-                # A site cache's answer (X-Cache) says the node works and its origin
-                # failed: another node may reach the origin, but this one is not down.
-                if "x-cache" not in response.headers:
+                if node_failed(response.status_code, "x-cache" in response.headers):
                     self.router.mark_down(route.node_id)
                 if idempotent and attempt + 1 < len(plan):
                     await response.aclose()

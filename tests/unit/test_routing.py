@@ -22,6 +22,7 @@ from fogline.core.routing import (
     may_serve,
     may_try_next,
     merge_rtt,
+    node_failed,
     serves,
 )
 from fogline.errors import ConfigError
@@ -297,3 +298,9 @@ def test_a_user_rtt_report_is_checked_and_averaged() -> None:
             check_rtt_report(location, rtts)
     assert merge_rtt(None, 10.0) == 10.0
     assert merge_rtt(10.0, 20.0) == pytest.approx(13.0)
+
+
+def test_a_5xx_marks_a_node_down_unless_its_site_cache_answered() -> None:
+    assert node_failed(502, from_site_cache=False) and node_failed(500, False)
+    assert not node_failed(502, from_site_cache=True)  # X-Cache: ERROR, the origin failed
+    assert not node_failed(404, False) and not node_failed(200, False)

@@ -51,6 +51,13 @@ def is_idempotent(method: str, headers: Iterable[tuple[str, str]] = ()) -> bool:
     return False
 
 
+def node_failed(status: int, from_site_cache: bool) -> bool:
+    """Does this answer say the node is down? A 5xx does, unless a site's cache gave it
+    (it carries X-Cache): then the node works and its path to the origin failed, so
+    another node may do better but this one is not marked down."""
+    return status >= 500 and not from_site_cache
+
+
 def may_try_next(idempotent: bool, sent: bool) -> bool:
     """After a failed attempt: may the request go to the next node? Only if sending it
     again cannot apply it twice."""
