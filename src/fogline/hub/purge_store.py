@@ -8,8 +8,6 @@ nodes report by acknowledgement and in every heartbeat.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,15 +48,10 @@ class PurgeStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
-
     def issue(self, kind: str, values: tuple[str, ...], region: str, site: str,
               actor: str, reason: str, now_s: float) -> tuple[Purge, int]:
         """Record a purge and its audit event; returns it and how many nodes it targets."""
-        with self._tx() as conn:
+        with self.engine.begin() as conn:
             query = sa.select(nodes.c.id).where(nodes.c.status != "revoked")
             if region:
                 query = query.where(nodes.c.region == region)
@@ -109,7 +102,7 @@ class PurgeStore:
         newest: dict[str, int] = {}
         for ack in acks:
             newest[ack.node_id] = max(newest.get(ack.node_id, 0), ack.seq)
-        with self._tx() as conn:
+        with self.engine.begin() as conn:
             known = set(conn.execute(sa.select(purges.c.seq).where(
                 purges.c.seq.in_({a.seq for a in acks}))).scalars())
             present = set(conn.execute(sa.select(nodes.c.id).where(
