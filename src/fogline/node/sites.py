@@ -54,6 +54,13 @@ class _Site:
     store: CacheStore
     proxy: CacheProxy
 
+    def purge_target(self) -> PurgeTarget:
+        """This site's cache as fleet purges reach it (keys: origin + path)."""
+        from fogline.node.purges import PurgeTarget
+
+        base = self.proxy.key_base or ""
+        return PurgeTarget(self.store, self.setting.name, base, (base + "/",))
+
     async def aclose(self) -> None:
         try:
             await self.proxy.aclose()  # its background work and httpx client
@@ -62,14 +69,14 @@ class _Site:
 
 
 def origin_base(origin: str) -> str:
-    """scheme://host[:port] of an origin URL: the prefix of its site's cache keys."""
-    from fogline.core.cachecontrol import uri_key
+    """scheme://host[:port] of an origin URL, normalised as cache keys are: the prefix of
+    its site's cache keys, the same on every node."""
+    from fogline.core.cachecontrol import origin_of, uri_key
 
-    scheme, _, rest = origin.partition("://")
-    key = uri_key(f"{scheme}://{rest.split('/', 1)[0]}/")
+    key = uri_key(origin)
     if key is None:
         raise ConfigError(f"origin URL must be http(s)://..., got {origin!r}")
-    return key.removesuffix("/")
+    return origin_of(key)
 
 
 def match(sites: dict[str, _Site], host: str, path: str) -> _Site | None:
@@ -105,11 +112,7 @@ class SiteFront:
         return {name: (site.proxy, site.store) for name, site in self._sites.items()}
 
     def purge_targets(self) -> list[PurgeTarget]:
-        from fogline.node.purges import PurgeTarget
-
-        return [PurgeTarget(site.store, name, site.proxy.key_base or "",
-                            ((site.proxy.key_base or "") + "/",))
-                for name, site in self._sites.items()]
+        return [site.purge_target() for site in self._sites.values()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._sites:
@@ -165,15 +168,13 @@ class SiteFront:
                                key_base=origin_base(setting.origin),
                                origin_tls=OriginTls(setting.tls_verify, setting.tls_ca_file,
                                                     setting.tls_server_name))
+            site = _Site(setting, store, proxy)
             if self.purges is not None:  # purges it missed while it was not served
-                from fogline.node.purges import PurgeTarget
-
-                self.purges.opened(PurgeTarget(store, setting.name, proxy.key_base,
-                                               (f"{proxy.key_base}/",)))
+                self.purges.opened(site.purge_target())
         except FoglineError:
             store.close()
             raise
-        return _Site(setting, store, proxy)
+        return site
 
     async def aclose(self) -> None:
         """Wait for pending reconciles, then close every site."""
